@@ -1,0 +1,57 @@
+"""The Celery configuration derived from Settings: JSON only, one queue per pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.entity import Exchange, Queue
+
+from conveyor.config.settings import POOLS, Settings
+
+RUN_TASK = "conveyor.run"
+MAINTENANCE_QUEUE = "high"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for a Conveyor app; every choice carries its reason."""
+    exchange = Exchange("conveyor", type="direct")
+    longest_run = max(settings.default_timeout_seconds, 3600.0)
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        # Pickle on the wire is remote code execution: JSON only, both ways.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Job state lives in the database, never in a result backend.
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "task_queues": [Queue(name, exchange, routing_key=name) for name in POOLS],
+        "task_default_queue": "default",
+        "task_default_exchange": "conveyor",
+        "task_default_routing_key": "default",
+        "task_create_missing_queues": False,
+        # Acknowledge after the run so a killed worker's message comes back.
+        "task_acks_late": True,
+        # A pool child killed mid-run must not ack its message as failed.
+        "task_reject_on_worker_lost": True,
+        # Short jobs must not wait behind long ones held in a prefetch buffer.
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # A task still running after its connection dropped would run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redeliveries must come from our leases, never before a run could end.
+        config["broker_transport_options"] = {"visibility_timeout": int(longest_run * 2)}
+    elif settings.broker_url.startswith(("amqp://", "amqps://")):
+        # A publish counts only once the broker has confirmed it.
+        config["broker_transport_options"] = {"confirm_publish": True}
+    else:
+        # The in-process broker is polled; a short interval keeps latency low.
+        config["broker_transport_options"] = {"polling_interval": 0.01}
+        config["result_backend"] = "cache+memory://"
+    return config

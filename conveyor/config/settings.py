@@ -1,0 +1,111 @@
+"""The one place Conveyor's settings are declared and validated."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER = "memory://"
+POOLS = ("high", "default", "low")
+Pool = Literal["high", "default", "low"]
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Every setting Conveyor reads, from `CONVEYOR_*` variables or `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite:///./var/conveyor.db"
+    broker_url: str = EMBEDDED_BROKER
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_user: str | None = None
+    flower_password: str | None = None
+
+    # API limits.
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    # Execution.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_cap_seconds: float = Field(default=300.0, gt=0)
+    default_max_attempts: int = Field(default=3, ge=1, le=100)
+    default_timeout_seconds: float = Field(default=300.0, gt=0)
+    relay_interval_seconds: float = Field(default=1.0, gt=0)
+    relay_grace_seconds: float = Field(default=10.0, ge=0)
+
+    # Worker pools: concurrency and prefetch of each.
+    high_concurrency: int = Field(default=2, ge=1, le=512)
+    default_concurrency: int = Field(default=2, ge=1, le=512)
+    low_concurrency: int = Field(default=1, ge=1, le=512)
+    prefetch_multiplier: int = Field(default=4, ge=1, le=1000)
+    worker_pool_class: Literal["prefork", "threads", "solo"] = "prefork"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        if value.startswith("postgresql://"):
+            # psycopg 3 is the only PostgreSQL driver installed.
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "amqp://", "amqps://", "memory://")):
+            raise ValueError("must be a redis://, amqp:// or memory:// URL")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker lives inside this process."""
+        return self.broker_url.startswith("memory://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the job store is a SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+    def pool_concurrency(self, pool: str) -> int:
+        """How many jobs a pool runs at once."""
+        return {
+            "high": self.high_concurrency,
+            "default": self.default_concurrency,
+            "low": self.low_concurrency,
+        }[pool]
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming the first invalid variable and what is wrong with it."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"invalid setting CONVEYOR_{field.upper()}: {message}"
+
+
+def load_settings() -> Settings:
+    """Read the settings, raising SettingsError with one line when one is invalid."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(describe_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,114 @@
+"""Plain values passed in and out of the store: a new job, a job, an event, an error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sqlalchemy import RowMapping
+
+from conveyor.jobs.states import JobState
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """Everything needed to record a job; the API and the CLI build these."""
+
+    tenant: str
+    task: str
+    payload: Any
+    priority: str
+    queue: str
+    max_attempts: int
+    timeout_seconds: float
+    tags: list[str] = field(default_factory=list)
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    run_at: dt.datetime | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True, slots=True)
+class JobError:
+    """What went wrong in an attempt."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One row of the jobs table."""
+
+    id: uuid.UUID
+    tenant: str
+    task: str
+    state: JobState
+    priority: str
+    queue: str
+    payload: Any
+    result: Any
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+    error_fingerprint: str | None
+    attempts: int
+    max_attempts: int
+    timeout_seconds: float
+    progress: Any
+    tags: list[str]
+    idempotency_key: str | None
+    request_hash: str | None
+    worker: str | None
+    lease_expires_at: dt.datetime | None
+    cancel_requested: bool
+    created_at: dt.datetime
+    scheduled_at: dt.datetime | None
+    run_after: dt.datetime | None
+    published_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> Job:
+        """Build from a row of the jobs table."""
+        values = {f.name: row[f.name] for f in fields(cls)}
+        values["state"] = JobState(values["state"])
+        return cls(**values)
+
+    @property
+    def error(self) -> JobError | None:
+        """The last error, if any attempt failed."""
+        if self.error_type is None:
+            return None
+        return JobError(
+            self.error_type,
+            self.error_message or "",
+            self.error_traceback,
+            self.error_fingerprint,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One recorded step in a job's history."""
+
+    id: int
+    job_id: uuid.UUID
+    at: dt.datetime
+    event: str
+    from_state: str | None
+    to_state: str
+    attempt: int
+    worker: str | None
+    detail: Any
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> JobEvent:
+        """Build from a row of the job_events table."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})

@@ -1,0 +1,59 @@
+"""Recording jobs and handing them to the broker after commit (the outbox).
+
+A job exists once its row commits; the broker only carries a message naming it.
+The row is committed first and published after, so a crash in between leaves a
+row with no `published_at`, which the relay publishes later. A publish that
+fails is not an error for the submitter: the job is recorded and will run.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.jobs import store
+from conveyor.jobs.models import Job, NewJob
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """Hands jobs' messages to the broker; raises when the broker does not take them."""
+
+    def publish(self, jobs: Sequence[Job]) -> list[uuid.UUID]:
+        """Publish a message per job to its queue; returns the ids actually published.
+
+        A job waiting far ahead may be left to the relay and not be returned.
+        """
+        ...
+
+
+def publish_recorded(
+    sessions: sessionmaker[Session], publisher: Publisher, jobs: Sequence[Job]
+) -> bool:
+    """Publish committed jobs and mark them published; False if the broker refused."""
+    ready = [job for job in jobs if job.published_at is None]
+    if not ready:
+        return True
+    try:
+        published = publisher.publish(ready)
+    except Exception as error:  # the relay publishes these later
+        log.warning("publish failed, the relay will retry: %s", error)
+        return False
+    with sessions.begin() as session:
+        store.mark_published(session, published)
+    return True
+
+
+def submit(
+    sessions: sessionmaker[Session], publisher: Publisher, new_jobs: Sequence[NewJob]
+) -> list[Job]:
+    """Record jobs in their own transaction, then publish them."""
+    with sessions.begin() as session:
+        jobs = store.create_jobs(session, new_jobs)
+    publish_recorded(sessions, publisher, jobs)
+    return jobs

@@ -1,0 +1,545 @@
+"""The job store: one function per state transition, each a conditional UPDATE.
+
+Every function takes the caller's session and never commits: the caller owns the
+transaction. A transition that finds the row in a state it may not leave returns
+None and writes nothing; the caller decides what that means.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
+from conveyor.jobs.states import (
+    CANCELLABLE_STATES,
+    REQUEUEABLE_STATES,
+    TERMINAL_STATES,
+    WAITING_STATES,
+    JobState,
+)
+from conveyor.jobs.tables import job_events, jobs
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def _event(
+    session: Session,
+    job: Job,
+    event: str,
+    from_state: str | None,
+    *,
+    at: dt.datetime,
+    worker: str | None = None,
+    detail: Any = None,
+) -> None:
+    session.execute(
+        insert(job_events),
+        {
+            "job_id": job.id,
+            "at": at,
+            "event": event,
+            "from_state": from_state,
+            "to_state": job.state.value,
+            "attempt": job.attempts,
+            "worker": worker,
+            "detail": detail,
+        },
+    )
+
+
+def _transition(
+    session: Session,
+    job_id: uuid.UUID,
+    where: Sequence[Any],
+    values: dict[str, Any],
+) -> Job | None:
+    statement = update(jobs).where(jobs.c.id == job_id, *where).values(**values).returning(*jobs.c)
+    row = session.execute(statement).mappings().first()
+    return None if row is None else Job.from_row(row)
+
+
+def _new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
+    waiting = new.run_at is not None and new.run_at > now
+    return {
+        "id": new.id,
+        "tenant": new.tenant,
+        "task": new.task,
+        "state": (JobState.SCHEDULED if waiting else JobState.QUEUED).value,
+        "priority": new.priority,
+        "queue": new.queue,
+        "payload": new.payload,
+        "result": None,
+        "attempts": 0,
+        "max_attempts": new.max_attempts,
+        "timeout_seconds": new.timeout_seconds,
+        "tags": list(new.tags),
+        "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
+        "cancel_requested": False,
+        "created_at": now,
+        "scheduled_at": new.run_at or now,
+        "run_after": new.run_at if waiting else None,
+        "updated_at": now,
+    }
+
+
+def create_jobs(
+    session: Session, new_jobs: Sequence[NewJob], *, now: dt.datetime | None = None
+) -> list[Job]:
+    """Record new jobs (queued, or scheduled when their run time is ahead), in order."""
+    now = now or utcnow()
+    if not new_jobs:
+        return []
+    rows = [_new_job_values(new, now) for new in new_jobs]
+    session.execute(insert(jobs), rows)
+    session.execute(
+        insert(job_events),
+        [
+            {
+                "job_id": row["id"],
+                "at": now,
+                "event": "created",
+                "from_state": None,
+                "to_state": row["state"],
+                "attempt": 0,
+                "worker": None,
+                "detail": None,
+            }
+            for row in rows
+        ],
+    )
+    by_id = {
+        job.id: job
+        for job in (
+            Job.from_row(r)
+            for r in session.execute(
+                select(jobs).where(jobs.c.id.in_([row["id"] for row in rows]))
+            ).mappings()
+        )
+    }
+    return [by_id[row["id"]] for row in rows]
+
+
+def create_job(session: Session, new: NewJob, *, now: dt.datetime | None = None) -> Job:
+    """Record one new job."""
+    return create_jobs(session, [new], now=now)[0]
+
+
+def mark_published(
+    session: Session, job_ids: Iterable[uuid.UUID], *, now: dt.datetime | None = None
+) -> None:
+    """Note that the broker has the messages of these jobs (the outbox is drained)."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.published_at.is_(None))
+            .values(published_at=now or utcnow())
+        )
+
+
+def claim(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """queued → running for `worker`, counting an attempt; None if not queued or exhausted."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        [jobs.c.state == JobState.QUEUED.value, jobs.c.attempts < jobs.c.max_attempts],
+        {
+            "state": JobState.RUNNING.value,
+            "attempts": jobs.c.attempts + 1,
+            "worker": worker,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+            "started_at": now,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(session, job, "claimed", JobState.QUEUED, at=now, worker=worker)
+    return job
+
+
+def promote(session: Session, job_id: uuid.UUID, *, now: dt.datetime | None = None) -> Job | None:
+    """scheduled or retrying → queued once its due time has come."""
+    now = now or utcnow()
+    before = get_job(session, job_id)
+    if before is None:
+        return None
+    job = _transition(
+        session,
+        job_id,
+        [jobs.c.state.in_([s.value for s in WAITING_STATES]), jobs.c.run_after <= now],
+        {
+            "state": JobState.QUEUED.value,
+            "run_after": None,
+            "published_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(session, job, "promoted", before.state, at=now)
+    return job
+
+
+def succeed(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    attempt: int,
+    result: Any,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """running → succeeded, only for the worker and attempt that hold the claim."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        _held_by(worker, attempt),
+        {
+            "state": JobState.SUCCEEDED.value,
+            "result": result,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(session, job, "succeeded", JobState.RUNNING, at=now, worker=worker)
+    return job
+
+
+def _held_by(worker: str, attempt: int) -> list[Any]:
+    return [
+        jobs.c.state == JobState.RUNNING.value,
+        jobs.c.worker == worker,
+        jobs.c.attempts == attempt,
+    ]
+
+
+def _error_values(error: JobError) -> dict[str, Any]:
+    return {
+        "error_type": error.type[:200],
+        "error_message": error.message,
+        "error_traceback": error.traceback,
+        "error_fingerprint": error.fingerprint,
+    }
+
+
+def fail_retry(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    attempt: int,
+    error: JobError,
+    run_after: dt.datetime,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """running → retrying until `run_after`; None if no attempts are left or not held."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        [*_held_by(worker, attempt), jobs.c.attempts < jobs.c.max_attempts],
+        {
+            "state": JobState.RETRYING.value,
+            "run_after": run_after,
+            "published_at": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **_error_values(error),
+        },
+    )
+    if job is not None:
+        delay = (run_after - now).total_seconds()
+        _event(
+            session,
+            job,
+            "failed",
+            JobState.RUNNING,
+            at=now,
+            worker=worker,
+            detail={"error_type": error.type, "retry_in_seconds": round(delay, 3)},
+        )
+    return job
+
+
+def dead(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    attempt: int,
+    error: JobError,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """running → dead: attempts exhausted or a permanent error."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        _held_by(worker, attempt),
+        {
+            "state": JobState.DEAD.value,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **_error_values(error),
+        },
+    )
+    if job is not None:
+        _event(
+            session,
+            job,
+            "dead",
+            JobState.RUNNING,
+            at=now,
+            worker=worker,
+            detail={"error_type": error.type},
+        )
+    return job
+
+
+def exhaust(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    error: JobError,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """queued with no attempts left → dead (a message that kept killing its worker)."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        [jobs.c.state == JobState.QUEUED.value, jobs.c.attempts >= jobs.c.max_attempts],
+        {
+            "state": JobState.DEAD.value,
+            "finished_at": now,
+            "updated_at": now,
+            **_error_values(error),
+        },
+    )
+    if job is not None:
+        _event(
+            session,
+            job,
+            "dead",
+            JobState.QUEUED,
+            at=now,
+            worker=worker,
+            detail={"error_type": error.type},
+        )
+    return job
+
+
+def cancel(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    tenant: str | None = None,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """Any non-terminal state → cancelled; a running job's worker sees it and stops."""
+    now = now or utcnow()
+    before = get_job(session, job_id, tenant=tenant)
+    if before is None or before.state not in CANCELLABLE_STATES:
+        return None
+    job = _transition(
+        session,
+        job_id,
+        [jobs.c.state == before.state.value],
+        {
+            "state": JobState.CANCELLED.value,
+            "cancel_requested": True,
+            "finished_at": now,
+            "run_after": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(session, job, "cancelled", before.state, at=now, worker=before.worker)
+    return job
+
+
+def requeue(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    tenant: str | None = None,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """dead or cancelled → queued under the same id, with its attempts counted afresh."""
+    now = now or utcnow()
+    before = get_job(session, job_id, tenant=tenant)
+    if before is None or before.state not in REQUEUEABLE_STATES:
+        return None
+    job = _transition(
+        session,
+        job_id,
+        [jobs.c.state == before.state.value],
+        {
+            "state": JobState.QUEUED.value,
+            "attempts": 0,
+            "finished_at": None,
+            "cancel_requested": False,
+            "worker": None,
+            "published_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(session, job, "requeued", before.state, at=now)
+    return job
+
+
+def release(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    attempt: int,
+    reason: str,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """running → queued without counting a failure (shutdown, lost worker)."""
+    now = now or utcnow()
+    job = _transition(
+        session,
+        job_id,
+        _held_by(worker, attempt),
+        {
+            "state": JobState.QUEUED.value,
+            "lease_expires_at": None,
+            "published_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(
+            session,
+            job,
+            "released",
+            JobState.RUNNING,
+            at=now,
+            worker=worker,
+            detail={"reason": reason},
+        )
+    return job
+
+
+def record_dropped_delivery(
+    session: Session,
+    job: Job,
+    *,
+    worker: str,
+    reason: str,
+    now: dt.datetime | None = None,
+) -> None:
+    """Note a delivery that was acknowledged without running (already running or finished)."""
+    _event(
+        session,
+        job,
+        "delivery_dropped",
+        job.state,
+        at=now or utcnow(),
+        worker=worker,
+        detail={"reason": reason},
+    )
+
+
+def get_job(session: Session, job_id: uuid.UUID, *, tenant: str | None = None) -> Job | None:
+    """The job, or None when it does not exist or belongs to another tenant."""
+    statement = select(jobs).where(jobs.c.id == job_id)
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    row = session.execute(statement).mappings().first()
+    return None if row is None else Job.from_row(row)
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    """The tenant's job recorded under this idempotency key, if any."""
+    statement = select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)
+    row = session.execute(statement).mappings().first()
+    return None if row is None else Job.from_row(row)
+
+
+def list_events(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
+    """A job's history, oldest first."""
+    statement = select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)
+    return [JobEvent.from_row(r) for r in session.execute(statement).mappings()]
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant: str | None = None,
+    state: JobState | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Jobs newest first, optionally of one tenant and state."""
+    statement: Select[Any] = select(jobs)
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    if state is not None:
+        statement = statement.where(jobs.c.state == state.value)
+    statement = statement.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [Job.from_row(r) for r in session.execute(statement).mappings()]
+
+
+def due_for_publish(
+    session: Session,
+    *,
+    cutoff: dt.datetime,
+    now: dt.datetime | None = None,
+    limit: int = 500,
+) -> list[Job]:
+    """Jobs whose message may be missing from the broker.
+
+    Queued jobs never published by `cutoff`; waiting jobs that are due and were never
+    published with a countdown; and waiting jobs overdue past `cutoff` whatever the
+    broker was told, since their delayed message may have been lost.
+    """
+    now = now or utcnow()
+    waiting = jobs.c.state.in_([s.value for s in WAITING_STATES])
+    statement = (
+        select(jobs)
+        .where(
+            or_(
+                and_(
+                    jobs.c.state == JobState.QUEUED.value,
+                    jobs.c.published_at.is_(None),
+                    jobs.c.updated_at < cutoff,
+                ),
+                and_(waiting, jobs.c.run_after <= now, jobs.c.published_at.is_(None)),
+                and_(waiting, jobs.c.run_after <= cutoff),
+            )
+        )
+        .order_by(jobs.c.updated_at)
+        .limit(limit)
+    )
+    return [Job.from_row(r) for r in session.execute(statement).mappings()]
+
+
+def is_terminal(state: JobState) -> bool:
+    """Whether a job in this state will never run again by itself."""
+    return state in TERMINAL_STATES

@@ -1,0 +1,148 @@
+"""SQLAlchemy tables of the job store; Alembic migrations mirror these."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from conveyor.jobs.states import TERMINAL_STATES, JobState, Priority
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timestamps always in UTC and always timezone-aware, on PostgreSQL and SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the job store")
+        value = value.astimezone(dt.UTC)
+        # SQLite keeps text; a fixed naive-UTC form keeps comparisons in SQL correct.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+EventId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _in(column: str, values: Any) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in sorted(values))})"
+
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("task", String(200), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("priority", String(8), nullable=False),
+    Column("queue", String(64), nullable=False),
+    Column("payload", JSONType, nullable=False),
+    Column("result", JSONType, nullable=True),
+    Column("error_type", String(200), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("error_traceback", Text, nullable=True),
+    Column("error_fingerprint", String(64), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("timeout_seconds", Float, nullable=False),
+    Column("progress", JSONType, nullable=True),
+    Column("tags", JSONType, nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("worker", String(255), nullable=True),
+    Column("lease_expires_at", UTCDateTime(), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("scheduled_at", UTCDateTime(), nullable=True),
+    Column("run_after", UTCDateTime(), nullable=True),
+    Column("published_at", UTCDateTime(), nullable=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
+    CheckConstraint(_in("priority", {p.value for p in Priority}), name="priority_known"),
+    CheckConstraint(
+        f"({_in('state', TERMINAL_STATES)}) = (finished_at IS NOT NULL)",
+        name="finished_iff_terminal",
+    ),
+    CheckConstraint("attempts >= 0 AND attempts <= max_attempts", name="attempts_bounded"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
+    CheckConstraint("state <> 'running' OR worker IS NOT NULL", name="running_has_worker"),
+    CheckConstraint(
+        f"NOT ({_in('state', {'scheduled', 'retrying'})}) OR run_after IS NOT NULL",
+        name="waiting_has_due_time",
+    ),
+    UniqueConstraint("tenant", "idempotency_key"),
+    Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+    Index("ix_jobs_state_run_after", "state", "run_after"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", EventId, primary_key=True, autoincrement=True),
+    Column("job_id", Uuid(), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("from_state", String(16), nullable=True),
+    Column("to_state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("worker", String(255), nullable=True),
+    Column("detail", JSONType, nullable=True),
+    Index("ix_job_events_job_id", "job_id", "id"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("scopes", JSONType, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
