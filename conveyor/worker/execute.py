@@ -160,9 +160,7 @@ class Executor:
                 return Outcome(job_id, "dropped", None)
             waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
             if waiting and store.promote(session, job_id) is not None:
-                job = store.claim(
-                    session, job_id, worker=worker, lease_seconds=self._lease_seconds
-                )
+                job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)
                 if job is not None:
                     return job
             if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:

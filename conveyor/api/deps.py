@@ -1,0 +1,51 @@
+"""Request dependencies: the shared state, the store session, the caller's key and scopes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from conveyor.api.problems import Problem
+from conveyor.api.state import ApiState
+from conveyor.jobs.keys import ApiKey
+
+
+def get_state(request: Request) -> ApiState:
+    """The API's shared state."""
+    state: ApiState = request.app.state.conveyor
+    return state
+
+
+State = Annotated[ApiState, Depends(get_state)]
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
+
+
+def get_key(request: Request, state: State) -> ApiKey:
+    """The caller's API key from `Authorization: Bearer …`; 401 when missing or unknown."""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise Problem(401, "an API key is required: Authorization: Bearer <key>", headers=CHALLENGE)
+    key = state.key_cache.lookup(state.sessions, presented.strip())
+    if key is None:
+        raise Problem(401, "the API key is unknown or revoked", headers=CHALLENGE)
+    return key
+
+
+def require(scope: str) -> Callable[[ApiKey], ApiKey]:
+    """A dependency that answers 403 unless the key has `scope` (admin has every scope)."""
+
+    def check(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
+        if scope not in key.scopes and "admin" not in key.scopes:
+            raise Problem(403, f"this API key lacks the {scope!r} scope")
+        return key
+
+    return check
+
+
+Submitter = Annotated[ApiKey, Depends(require("submit"))]
+Reader = Annotated[ApiKey, Depends(require("read"))]
+Admin = Annotated[ApiKey, Depends(require("admin"))]

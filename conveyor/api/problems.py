@@ -1,0 +1,107 @@
+"""Errors as RFC 9457 problem details, on every error path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+
+TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """An error the API answers with a problem+json body."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug or TITLES.get(status, "error").lower().replace(" ", "-")
+        self.errors = errors
+        self.headers = headers
+
+
+def problem_response(problem: Problem) -> JSONResponse:
+    """The JSON response for a problem."""
+    body: dict[str, Any] = {
+        "type": f"/problems/{problem.slug}",
+        "title": TITLES.get(problem.status, "Error"),
+        "status": problem.status,
+        "detail": problem.detail,
+    }
+    if problem.errors is not None:
+        body["errors"] = problem.errors
+    return JSONResponse(
+        body, status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers
+    )
+
+
+def validation_errors(raw: Any, prefix: tuple[str | int, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic's errors as `[{loc, msg}]`."""
+    return [
+        {"loc": [*prefix, *error.get("loc", ())], "msg": str(error.get("msg", "invalid"))}
+        for error in raw
+    ]
+
+
+def install(app: FastAPI) -> None:
+    """Route every error the app can raise through problem+json."""
+
+    async def on_problem(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, Problem)
+        return problem_response(error)
+
+    async def on_http(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        detail = error.detail if isinstance(error.detail, str) else TITLES.get(error.status_code)
+        return problem_response(
+            Problem(error.status_code, str(detail), headers=dict(error.headers or {}))
+        )
+
+    async def on_validation(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        errors = validation_errors(error.errors())
+        malformed = any(e.get("type") == "json_invalid" for e in error.errors())
+        detail = "the body is not valid JSON" if malformed else "the request is invalid"
+        return problem_response(
+            Problem(
+                422,
+                detail,
+                slug="malformed-json" if malformed else "validation-error",
+                errors=errors,
+            )
+        )
+
+    async def on_crash(_request: Request, _error: Exception) -> JSONResponse:
+        return problem_response(Problem(500, "an unexpected error occurred"))
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_crash)

@@ -1,0 +1,49 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from conveyor.api.deps import State
+from conveyor.api.problems import PROBLEM_JSON
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
+def readyz(state: State) -> JSONResponse:
+    """200 when the database and the broker answer; otherwise 503 naming which does not."""
+    checks: dict[str, str] = {}
+    try:
+        with state.sessions() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as error:
+        checks["database"] = f"unavailable: {type(error).__name__}"
+    try:
+        state.broker_check()
+        checks["broker"] = "ok"
+    except Exception as error:
+        checks["broker"] = f"unavailable: {type(error).__name__}"
+    failing = [name for name, result in checks.items() if result != "ok"]
+    if not failing:
+        return JSONResponse({"status": "ready", "checks": checks})
+    return JSONResponse(
+        {
+            "type": "/problems/not-ready",
+            "title": "Service unavailable",
+            "status": 503,
+            "detail": f"not ready: {', '.join(failing)} unavailable",
+            "checks": checks,
+        },
+        status_code=503,
+        media_type=PROBLEM_JSON,
+    )

@@ -1,0 +1,131 @@
+"""/v1/jobs: submit a job, read it and its history."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from conveyor.api.deps import Reader, State, Submitter
+from conveyor.api.problems import Problem, validation_errors
+from conveyor.api.schemas import EventOut, EventsOut, JobIn, JobOut, ProblemOut
+from conveyor.jobs import outbox, store
+from conveyor.jobs.models import Job
+from conveyor.tasks import UnknownTask, registry
+from conveyor.tasks.submission import build_new_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+PROBLEMS: dict[int | str, dict[str, object]] = {
+    status: {"model": ProblemOut, "content": {"application/problem+json": {}}}
+    for status in (401, 403, 404, 409, 413, 422, 429, 503)
+}
+
+
+def request_hash(body: JobIn) -> str:
+    """A fingerprint of the request, to tell a replay from a different request."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: Job, digest: str, response: Response) -> JobOut:
+    if job.request_hash != digest:
+        raise Problem(
+            422,
+            "this Idempotency-Key was used with a different request body",
+            slug="idempotency-key-reused",
+        )
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=PROBLEMS)
+def submit_job(
+    body: JobIn,
+    key: Submitter,
+    state: State,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    """Record a job and queue it; with an Idempotency-Key, a repeat returns the same job."""
+    try:
+        new = build_new_job(
+            registry,
+            tenant=key.tenant,
+            task=body.task,
+            payload=body.payload,
+            priority=body.priority.value if body.priority else None,
+            run_at=body.run_at,
+            delay_seconds=body.delay_seconds,
+            max_attempts=body.max_attempts,
+            timeout_seconds=body.timeout_seconds,
+            tags=body.tags,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash(body),
+        )
+    except UnknownTask:
+        raise Problem(
+            422,
+            f"unknown task {body.task!r}",
+            slug="unknown-task",
+            errors=[{"loc": ["body", "task"], "msg": "no task type has this name"}],
+        ) from None
+    except ValidationError as error:
+        raise Problem(
+            422,
+            f"the payload does not match the schema of {body.task!r}",
+            slug="invalid-payload",
+            errors=validation_errors(error.errors(), ("body", "payload")),
+        ) from None
+    digest = new.request_hash or ""
+    sessions = state.sessions
+    if idempotency_key is not None:
+        with sessions() as session:
+            existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, response)
+    try:
+        with sessions.begin() as session:
+            job = store.create_job(session, new)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        with sessions() as session:
+            existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
+        if existing is None:
+            raise Problem(409, "a request with this Idempotency-Key is in progress") from None
+        return _replay(existing, digest, response)
+    published = outbox.publish_recorded(sessions, state.publisher, [job])
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not published:
+        response.headers["Conveyor-Publish"] = "deferred"
+    return JobOut.of(job)
+
+
+def _owned(state: State, job_id: uuid.UUID, tenant: str) -> Job:
+    with state.sessions() as session:
+        job = store.get_job(session, job_id, tenant=tenant)
+    if job is None:
+        raise Problem(404, f"no job {job_id}")
+    return job
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=PROBLEMS)
+def get_job(job_id: uuid.UUID, key: Reader, state: State) -> JobOut:
+    """One job of the caller's tenant."""
+    return JobOut.of(_owned(state, job_id, key.tenant))
+
+
+@router.get("/{job_id}/events", response_model=EventsOut, responses=PROBLEMS)
+def get_events(job_id: uuid.UUID, key: Reader, state: State) -> EventsOut:
+    """Every state change of a job, oldest first, with time, attempt and worker."""
+    _owned(state, job_id, key.tenant)
+    with state.sessions() as session:
+        events = store.list_events(session, job_id)
+    return EventsOut(job_id=job_id, items=[EventOut.of(e) for e in events])

@@ -1,0 +1,155 @@
+"""Request and response bodies of the HTTP API, apart from the tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from conveyor.jobs.models import Job, JobEvent
+from conveyor.jobs.states import JobState, Priority
+
+Tag = Field(min_length=1, max_length=64)
+
+
+class JobIn(BaseModel):
+    """A job to submit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=200, description="A registered task type")
+    payload: Any = Field(default_factory=dict, description="Checked against the task's schema")
+    priority: Priority | None = Field(None, description="Defaults to the task type's")
+    delay_seconds: float | None = Field(None, ge=0, le=366 * 86400)
+    run_at: AwareDatetime | None = Field(None, description="When to run; with a time zone")
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_seconds: float | None = Field(None, gt=0, le=86400)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> JobIn:
+        if self.delay_seconds is not None and self.run_at is not None:
+            raise ValueError("give delay_seconds or run_at, not both")
+        for tag in self.tags:
+            if not 1 <= len(tag) <= 64:
+                raise ValueError("each tag must be 1 to 64 characters")
+        return self
+
+
+class ErrorOut(BaseModel):
+    """The last error of a job."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it."""
+
+    id: uuid.UUID
+    task: str
+    state: JobState
+    priority: Priority
+    queue: str
+    payload: Any
+    result: Any = None
+    error: ErrorOut | None = None
+    attempts: int
+    max_attempts: int
+    timeout_seconds: float
+    progress: Any = None
+    tags: list[str]
+    idempotency_key: str | None = None
+    created_at: dt.datetime
+    scheduled_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        """The public view of a stored job."""
+        error = job.error
+        return cls(
+            id=job.id,
+            task=job.task,
+            state=job.state,
+            priority=Priority(job.priority),
+            queue=job.queue,
+            payload=job.payload,
+            result=job.result,
+            error=None
+            if error is None
+            else ErrorOut(type=error.type, message=error.message, traceback=error.traceback),
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            timeout_seconds=job.timeout_seconds,
+            progress=job.progress,
+            tags=job.tags,
+            idempotency_key=job.idempotency_key,
+            created_at=job.created_at,
+            scheduled_at=job.scheduled_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class EventOut(BaseModel):
+    """One step of a job's history."""
+
+    at: dt.datetime
+    event: str
+    from_state: JobState | None
+    to_state: JobState
+    attempt: int
+    worker: str | None
+    detail: Any = None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventOut:
+        """The public view of a stored event."""
+        return cls(
+            at=event.at,
+            event=event.event,
+            from_state=None if event.from_state is None else JobState(event.from_state),
+            to_state=JobState(event.to_state),
+            attempt=event.attempt,
+            worker=event.worker,
+            detail=event.detail,
+        )
+
+
+class EventsOut(BaseModel):
+    """A job's history, oldest first."""
+
+    job_id: uuid.UUID
+    items: list[EventOut]
+
+
+class TaskTypeOut(BaseModel):
+    """A registered task type and its defaults."""
+
+    name: str
+    description: str
+    priority: Priority
+    max_attempts: int
+    timeout_seconds: float
+    payload_schema: dict[str, Any]
+
+
+class TaskTypesOut(BaseModel):
+    """Every registered task type."""
+
+    items: list[TaskTypeOut]
+
+
+class ProblemOut(BaseModel):
+    """An RFC 9457 problem."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None

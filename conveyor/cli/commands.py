@@ -1,0 +1,149 @@
+"""One-shot commands over the job store: keys, submit, jobs, dead letters."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from conveyor.api.schemas import JobOut
+from conveyor.cli.wiring import CommandError, build_platform, sessions_for
+from conveyor.config import Settings
+from conveyor.jobs import keys, outbox, store
+from conveyor.jobs.models import Job
+from conveyor.jobs.states import JobState
+from conveyor.tasks import UnknownTask, registry
+from conveyor.tasks.submission import build_new_job
+
+
+def job_json(job: Job) -> str:
+    """A job as indented JSON, as the API shows it."""
+    return JobOut.of(job).model_dump_json(indent=2)
+
+
+def keys_create(settings: Settings, tenant: str, scopes: list[str]) -> None:
+    """Create a key and print it alone on the last line."""
+    sessions = sessions_for(settings)
+    try:
+        with sessions.begin() as session:
+            key, record = keys.create_key(session, tenant=tenant, scopes=tuple(scopes))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"created key {record.prefix}… for tenant {tenant!r} with scopes {sorted(scopes)}")
+    print(key)
+
+
+def parse_job_id(text: str) -> uuid.UUID:
+    """A job id from the command line."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise CommandError(f"not a job id: {text!r}") from None
+
+
+def submit(
+    settings: Settings,
+    *,
+    task: str,
+    payload_text: str,
+    priority: str | None,
+    tenant: str,
+    wait: bool,
+    wait_timeout: float,
+) -> int:
+    """Record and publish one job; with `wait`, block until it is finished."""
+    try:
+        payload: Any = json.loads(payload_text)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--payload is not valid JSON: {error.msg}") from None
+    try:
+        new = build_new_job(registry, tenant=tenant, task=task, payload=payload, priority=priority)
+    except UnknownTask:
+        known = ", ".join(t.name for t in registry.all())
+        raise CommandError(f"unknown task {task!r}; known: {known}") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise CommandError(f"invalid payload for {task}: {where}: {first['msg']}") from None
+    platform = build_platform(settings)
+    job = outbox.submit(platform.sessions, platform.publisher, [new])[0]
+    if not wait:
+        print(job.id)
+        return 0
+    deadline = time.monotonic() + wait_timeout
+    while time.monotonic() < deadline:
+        with platform.sessions() as session:
+            current = store.get_job(session, job.id)
+        assert current is not None
+        if store.is_terminal(current.state):
+            print(job_json(current))
+            return 0 if current.state == JobState.SUCCEEDED else 1
+        time.sleep(0.1)
+    raise CommandError(f"job {job.id} did not finish within {wait_timeout:g}s")
+
+
+def jobs_show(settings: Settings, job_id: str) -> None:
+    """Print one job."""
+    with sessions_for(settings)() as session:
+        job = store.get_job(session, parse_job_id(job_id))
+    if job is None:
+        raise CommandError(f"no job {job_id}")
+    print(job_json(job))
+
+
+def jobs_list(settings: Settings, state: str | None, limit: int) -> None:
+    """Print jobs newest first, one line each."""
+    with sessions_for(settings)() as session:
+        found = store.list_jobs(session, state=JobState(state) if state else None, limit=limit)
+    for job in found:
+        print(f"{job.id}  {job.state.value:<9}  {job.task:<20}  {job.created_at.isoformat()}")
+
+
+def jobs_cancel(settings: Settings, job_id: str) -> None:
+    """Cancel a job that has not finished."""
+    with sessions_for(settings).begin() as session:
+        job = store.cancel(session, parse_job_id(job_id))
+    if job is None:
+        raise CommandError(f"job {job_id} does not exist or has already finished")
+    print(f"{job.id} cancelled")
+
+
+def jobs_retry(settings: Settings, job_id: str) -> None:
+    """Queue a dead or cancelled job again under the same id."""
+    platform = build_platform(settings)
+    with platform.sessions.begin() as session:
+        job = store.requeue(session, parse_job_id(job_id))
+    if job is None:
+        raise CommandError(f"job {job_id} does not exist or is not dead or cancelled")
+    outbox.publish_recorded(platform.sessions, platform.publisher, [job])
+    print(f"{job.id} queued")
+
+
+def dlq_list(settings: Settings, limit: int) -> None:
+    """Print dead jobs, newest first."""
+    with sessions_for(settings)() as session:
+        found = store.list_jobs(session, state=JobState.DEAD, limit=limit)
+    for job in found:
+        print(f"{job.id}  {job.task:<20}  {job.error_type or '-':<30}  {job.attempts} attempts")
+
+
+def dlq_replay(settings: Settings, ids: list[str], task: str | None) -> None:
+    """Queue dead jobs again: the given ids, or every dead job (of one task type)."""
+    platform = build_platform(settings)
+    with platform.sessions() as session:
+        if ids:
+            targets = [parse_job_id(i) for i in ids]
+        else:
+            dead_jobs = store.list_jobs(session, state=JobState.DEAD, limit=100_000)
+            targets = [j.id for j in dead_jobs if task is None or j.task == task]
+    replayed: list[Job] = []
+    with platform.sessions.begin() as session:
+        for job_id in targets:
+            job = store.requeue(session, job_id)
+            if job is not None:
+                replayed.append(job)
+    outbox.publish_recorded(platform.sessions, platform.publisher, replayed)
+    print(f"replayed {len(replayed)} jobs")

@@ -1,0 +1,160 @@
+"""The `conveyor` command: parse arguments, then call into the rooms."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from conveyor.cli.wiring import CommandError, fail, settings_or_exit, setup_logging
+from conveyor.config import POOLS
+from conveyor.jobs.keys import SCOPES
+from conveyor.jobs.states import JobState
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog.removeprefix('conveyor ').strip() or 'conveyor'}: {message} (see --help)")
+
+
+def _scopes(text: str) -> list[str]:
+    scopes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise argparse.ArgumentTypeError(
+            f"scopes must be a comma-separated subset of {','.join(SCOPES)}"
+        )
+    return scopes
+
+
+def _queues(text: str) -> list[str]:
+    queues = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in POOLS]
+    if unknown or not queues:
+        raise argparse.ArgumentTypeError(
+            f"queues must be a comma-separated subset of {','.join(POOLS)}"
+        )
+    return queues
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> Parser:
+    """Every subcommand and its arguments."""
+    parser = Parser(prog="conveyor", description="Conveyor: background jobs on Celery.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("up", help="the whole platform on this machine")
+    commands.add_parser("api", help="the HTTP API")
+    worker = commands.add_parser("worker", help="a worker for one pool or given queues")
+    which = worker.add_mutually_exclusive_group()
+    which.add_argument("--pool", choices=POOLS, help="the pool to serve (default: default)")
+    which.add_argument("--queues", type=_queues, help="comma-separated queues to consume")
+    worker.add_argument("--concurrency", type=_positive, help="processes (default from settings)")
+    commands.add_parser("beat", help="the scheduler")
+    commands.add_parser("flower", help="Flower, with basic auth from settings")
+    commands.add_parser("migrate", help="apply database migrations")
+
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_commands.add_parser("create", help="create a key and print it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scopes", type=_scopes, default=list(SCOPES))
+
+    submit = commands.add_parser("submit", help="submit a job")
+    submit.add_argument("task")
+    submit.add_argument("--payload", default="{}", help="the payload as JSON")
+    submit.add_argument("--priority", choices=POOLS)
+    submit.add_argument("--tenant", default="default")
+    submit.add_argument("--wait", action="store_true", help="wait until it finishes")
+    submit.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+
+    jobs = commands.add_parser("jobs", help="inspect and act on jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("show", "print a job"),
+        ("cancel", "cancel a job"),
+        ("retry", "queue a dead or cancelled job again"),
+    ):
+        sub = jobs_commands.add_parser(action, help=text)
+        sub.add_argument("id")
+    listing = jobs_commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState])
+    listing.add_argument("--limit", type=_positive, default=50)
+
+    dlq = commands.add_parser("dlq", help="the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser("list", help="list dead jobs")
+    dlq_list.add_argument("--limit", type=_positive, default=50)
+    replay = dlq_commands.add_parser("replay", help="queue dead jobs again")
+    replay.add_argument("--ids", nargs="*", default=[], help="job ids (default: all dead jobs)")
+    replay.add_argument("--task", help="only dead jobs of this task type")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `conveyor` command."""
+    args = build_parser().parse_args(argv)
+    settings = settings_or_exit()
+    setup_logging(settings)
+    from conveyor.cli import commands, services, up
+
+    try:
+        match args.command:
+            case "up":
+                up.up(settings)
+            case "api":
+                services.api(settings)
+            case "worker":
+                queues = args.queues or [args.pool or "default"]
+                services.worker(settings, queues, args.concurrency)
+            case "beat":
+                services.beat(settings)
+            case "flower":
+                services.flower(settings)
+            case "migrate":
+                services.migrate(settings)
+            case "keys":
+                commands.keys_create(settings, args.tenant, args.scopes)
+            case "submit":
+                sys.exit(
+                    commands.submit(
+                        settings,
+                        task=args.task,
+                        payload_text=args.payload,
+                        priority=args.priority,
+                        tenant=args.tenant,
+                        wait=args.wait,
+                        wait_timeout=args.timeout,
+                    )
+                )
+            case "jobs":
+                match args.jobs_command:
+                    case "show":
+                        commands.jobs_show(settings, args.id)
+                    case "list":
+                        commands.jobs_list(settings, args.state, args.limit)
+                    case "cancel":
+                        commands.jobs_cancel(settings, args.id)
+                    case "retry":
+                        commands.jobs_retry(settings, args.id)
+            case "dlq":
+                if args.dlq_command == "list":
+                    commands.dlq_list(settings, args.limit)
+                else:
+                    commands.dlq_replay(settings, args.ids, args.task)
+    except CommandError as error:
+        fail(str(error), code=1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,87 @@
+"""Long-running services: the API, a worker, beat, Flower, and migrations."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import uvicorn
+
+from conveyor.api.app import create_app
+from conveyor.cli.wiring import CommandError, build_platform, fail, run_migrations
+from conveyor.config import Settings
+
+
+def api(settings: Settings) -> None:
+    """Serve the HTTP API."""
+    platform = build_platform(settings, pool_size=20)
+    uvicorn.run(
+        create_app(platform.api_state()),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+def worker(settings: Settings, queues: list[str], concurrency: int | None) -> None:
+    """A Celery worker consuming `queues`, with Celery's own signal handling."""
+    if settings.embedded:
+        fail(
+            "a separate worker needs CONVEYOR_BROKER_URL (redis:// or amqp://); "
+            "without one, `conveyor up` runs everything in one process"
+        )
+    platform = build_platform(settings)
+    name = "-".join(queues)
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(concurrency or settings.pool_concurrency(queues[0])),
+        "--pool",
+        settings.worker_pool_class,
+        "--hostname",
+        f"{name}@%h",
+        "--loglevel",
+        settings.log_level,
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    platform.celery.worker_main(argv)
+
+
+def beat(settings: Settings) -> None:
+    """The scheduler: the relay and, later, periodic work and user schedules."""
+    if settings.embedded:
+        fail("a separate beat needs CONVEYOR_BROKER_URL; `conveyor up` runs it embedded")
+    platform = build_platform(settings)
+    platform.celery.Beat(loglevel=settings.log_level, max_interval=1).run()
+
+
+def flower(settings: Settings) -> None:
+    """Flower on the same broker; refuses to start without credentials."""
+    if not settings.flower_user or not settings.flower_password:
+        fail(
+            "Flower needs CONVEYOR_FLOWER_USER and CONVEYOR_FLOWER_PASSWORD; "
+            "it never runs without authentication"
+        )
+    if settings.embedded:
+        fail("Flower needs CONVEYOR_BROKER_URL; it cannot see an in-process broker")
+    if ":" in settings.flower_user:
+        fail("invalid setting CONVEYOR_FLOWER_USER: must not contain ':'")
+    platform = build_platform(settings)
+    # Credentials go through the environment, never the process list.
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password}"
+    platform.celery.start(
+        ["flower", f"--port={settings.flower_port}", f"--address={settings.api_host}"]
+    )
+
+
+def migrate(settings: Settings) -> None:
+    """Apply every pending migration."""
+    try:
+        run_migrations(settings)
+    except CommandError:
+        raise
+    print(f"migrated {urlsplit(settings.database_url).scheme} database to the latest schema")

@@ -1,0 +1,107 @@
+"""Building the platform's parts from Settings; the one place that knows them all."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.api.state import ApiState
+from conveyor.config import Settings, SettingsError, load_settings
+from conveyor.jobs import migrate
+from conveyor.jobs.db import make_engine, make_session_factory
+from conveyor.worker.app import create_celery
+from conveyor.worker.publisher import CeleryPublisher
+from conveyor.worker.runtime import StoreHandle
+
+
+class CommandError(Exception):
+    """A failure the command line reports as one line."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit."""
+    sys.stderr.write(f"conveyor: {message}\n")
+    sys.exit(code)
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or exit 2 with one line naming the invalid variable."""
+    try:
+        return load_settings()
+    except SettingsError as error:
+        fail(str(error))
+
+
+def setup_logging(settings: Settings) -> None:
+    """Plain logs to stderr at the configured level."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+
+
+@dataclass
+class Platform:
+    """The store and the Celery app of one process."""
+
+    settings: Settings
+    store: StoreHandle
+    celery: Celery
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """This process's session factory."""
+        return self.store.sessions()
+
+    @property
+    def publisher(self) -> CeleryPublisher:
+        """The publisher of the Celery app."""
+        publisher: CeleryPublisher = self.celery.conveyor_publisher
+        return publisher
+
+    def broker_check(self) -> None:
+        """Raise unless the broker accepts a connection within about two seconds."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    def api_state(self) -> ApiState:
+        """What the API needs from this process."""
+        return ApiState(
+            settings=self.settings,
+            sessions=self.sessions,
+            publisher=self.publisher,
+            broker_check=self.broker_check,
+        )
+
+
+def build_platform(settings: Settings, *, pool_size: int = 5) -> Platform:
+    """The store handle and Celery app for these settings."""
+    handle = StoreHandle(settings.database_url, pool_size=pool_size)
+    return Platform(settings, handle, create_celery(settings, store_handle=handle))
+
+
+def engine_for(settings: Settings) -> Engine:
+    """A fresh engine on the configured database."""
+    return make_engine(settings.database_url)
+
+
+def run_migrations(settings: Settings) -> None:
+    """Bring the configured database to the latest schema."""
+    engine = engine_for(settings)
+    try:
+        migrate.upgrade(engine)
+    except Exception as error:
+        raise CommandError(f"cannot migrate {engine.url.render_as_string()}: {error}") from None
+    finally:
+        engine.dispose()
+
+
+def sessions_for(settings: Settings) -> sessionmaker[Session]:
+    """A session factory on the configured database, for one-shot commands."""
+    return make_session_factory(engine_for(settings))

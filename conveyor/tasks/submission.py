@@ -1,0 +1,50 @@
+"""Turning a request to run a task into a NewJob, checked against the task type."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from conveyor.jobs.models import NewJob
+from conveyor.tasks.registry import Registry
+
+
+def build_new_job(
+    registry: Registry,
+    *,
+    tenant: str,
+    task: str,
+    payload: Any,
+    priority: str | None = None,
+    run_at: dt.datetime | None = None,
+    delay_seconds: float | None = None,
+    max_attempts: int | None = None,
+    timeout_seconds: float | None = None,
+    tags: list[str] | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    now: dt.datetime | None = None,
+) -> NewJob:
+    """A NewJob with the task type's defaults filled in.
+
+    Raises UnknownTask for an unregistered task and pydantic's ValidationError for a
+    payload its model refuses. The stored payload is the validated one, in JSON form.
+    """
+    task_type = registry.get(task)
+    model = task_type.validate(payload)
+    if delay_seconds is not None:
+        run_at = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=delay_seconds)
+    chosen = priority or task_type.priority.value
+    return NewJob(
+        tenant=tenant,
+        task=task,
+        payload=model.model_dump(mode="json"),
+        priority=chosen,
+        queue=chosen,
+        max_attempts=max_attempts or task_type.max_attempts,
+        timeout_seconds=timeout_seconds or task_type.timeout_seconds,
+        tags=list(tags or []),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        run_at=run_at,
+    )
