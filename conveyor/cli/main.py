@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from conveyor.cli.wiring import CommandError, fail, settings_or_exit, setup_logging
 from conveyor.config import POOLS
 from conveyor.jobs.keys import SCOPES
@@ -17,7 +19,8 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        fail(f"{self.prog.removeprefix('conveyor ').strip() or 'conveyor'}: {message} (see --help)")
+        where = self.prog.removeprefix("conveyor").strip()
+        fail(f"{where + ': ' if where else ''}{message} (see --help)")
 
 
 def _scopes(text: str) -> list[str]:
@@ -48,6 +51,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def database_problem(error: SQLAlchemyError) -> str:
+    """One line for a database failure, with a hint when the schema is missing."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    line = lines[0] if lines else type(cause).__name__
+    if "no such table" in line or (line.startswith('relation "') and "does not exist" in line):
+        return f"database error: {line} (run `conveyor migrate` first)"
+    return f"database error: {line}"
 
 
 def build_parser() -> Parser:
@@ -156,5 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     commands.dlq_replay(settings, args.ids, args.task)
     except CommandError as error:
         fail(str(error), code=1)
+    except SQLAlchemyError as error:
+        fail(database_problem(error), code=1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import random
 
+JITTER = 0.25
+
 
 def retry_delay(
     attempt: int, *, base: float, cap: float, rng: random.Random | None = None
 ) -> float:
     """Seconds to wait after failed attempt `attempt` (1-based).
 
-    Equal jitter: half of the exponential step is fixed and half is random, so
-    workers failing together spread out, and each delay is at least as long as
-    the longest the previous one could have been.
+    The step doubles with each attempt up to `cap`; the delay is drawn from the top
+    quarter of the step. Workers failing together spread out, and below the cap every
+    delay is at least 1.5 times the longest the previous one could have been.
     """
     step = min(cap, base * 2 ** max(0, attempt - 1))
-    draw = (rng or random).uniform(0.0, step / 2)
-    return float(step / 2 + draw)
+    return float(step * (1.0 - JITTER * (rng or random).random()))
