@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -98,10 +99,22 @@ def install(app: FastAPI) -> None:
             )
         )
 
+    async def on_store_down(_request: Request, _error: Exception) -> JSONResponse:
+        return problem_response(
+            Problem(
+                503,
+                "the job store is unavailable; try again shortly",
+                slug="store-unavailable",
+                headers={"Retry-After": "1"},
+            )
+        )
+
     async def on_crash(_request: Request, _error: Exception) -> JSONResponse:
         return problem_response(Problem(500, "an unexpected error occurred"))
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(OperationalError, on_store_down)
+    app.add_exception_handler(InterfaceError, on_store_down)
     app.add_exception_handler(Exception, on_crash)

@@ -15,7 +15,6 @@ MAINTENANCE_QUEUE = "high"
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a Conveyor app; every choice carries its reason."""
     exchange = Exchange("conveyor", type="direct")
-    longest_run = max(settings.default_timeout_seconds, 3600.0)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         # Pickle on the wire is remote code execution: JSON only, both ways.
@@ -40,13 +39,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A task still running after its connection dropped would run twice.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
+        # Workers keep trying to reach a restarted broker instead of giving up.
+        "broker_connection_max_retries": None,
+        "broker_connection_timeout": 2.0,
+        # A publish that cannot reach the broker fails fast; the outbox relay retries it.
+        "task_publish_retry_policy": {
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+        # Warm shutdown gives running jobs this long, then hands the rest back.
+        "worker_soft_shutdown_timeout": settings.shutdown_grace_seconds,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
     }
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Redeliveries must come from our leases, never before a run could end.
-        config["broker_transport_options"] = {"visibility_timeout": int(longest_run * 2)}
+        # An unacknowledged message comes back after this; a claim drops it if its job
+        # is still running under a live lease, so a short timeout only speeds recovery.
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.redis_visibility_timeout,
+        }
     elif settings.broker_url.startswith(("amqp://", "amqps://")):
         # A publish counts only once the broker has confirmed it.
         config["broker_transport_options"] = {"confirm_publish": True}

@@ -36,7 +36,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
 
     # Execution.
-    lease_seconds: float = Field(default=30.0, gt=0)
+    # A run renews its lease every heartbeat; rescue takes jobs whose lease expired,
+    # so a lost worker's jobs run again within lease + rescue interval seconds.
+    lease_seconds: float = Field(default=15.0, ge=2)
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    rescue_interval_seconds: float = Field(default=5.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Redis hands an unacknowledged message to another consumer after this long; our
+    # claims make that safe, and it bounds how long a killed worker's prefetched jobs wait.
+    redis_visibility_timeout: int = Field(default=60, ge=10)
     retry_base_seconds: float = Field(default=1.0, gt=0)
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     default_max_attempts: int = Field(default=3, ge=1, le=100)

@@ -47,6 +47,8 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         max_overflow=10,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # A database that went away must fail calls fast, not hang them.
+        connect_args={"connect_timeout": 5},
     )
 
 

@@ -12,7 +12,8 @@ class JobState(StrEnum):
     SCHEDULED = "scheduled"
     # In: store.create_job, store.promote, store.requeue, store.release. Out: store.claim, cancel.
     QUEUED = "queued"
-    # In: store.claim by a worker holding a lease. Out: succeed, fail_retry, dead, release, cancel.
+    # In: store.claim by a worker holding a lease.
+    # Out: succeed, fail_retry, dead, release, cancel, rescue (lease expired).
     RUNNING = "running"
     # In: store.fail_retry after a retryable failure. Out: store.promote when due, store.cancel.
     RETRYING = "retrying"

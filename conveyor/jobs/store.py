@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
@@ -543,3 +543,166 @@ def due_for_publish(
 def is_terminal(state: JobState) -> bool:
     """Whether a job in this state will never run again by itself."""
     return state in TERMINAL_STATES
+
+
+def renew_leases(
+    session: Session,
+    held: Sequence[tuple[uuid.UUID, int]],
+    *,
+    worker: str,
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+) -> set[uuid.UUID]:
+    """Extend the leases of running jobs `worker` holds; returns the ids still held.
+
+    An id missing from the answer was cancelled, rescued or finished elsewhere: the
+    run holding it must stop.
+    """
+    if not held:
+        return set()
+    now = now or utcnow()
+    still: set[uuid.UUID] = set()
+    attempts = dict(held)
+    rows = session.execute(
+        update(jobs)
+        .where(
+            jobs.c.id.in_(list(attempts)),
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.worker == worker,
+        )
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .returning(jobs.c.id, jobs.c.attempts)
+    ).all()
+    for job_id, attempt in rows:
+        if attempts.get(job_id) == attempt:
+            still.add(job_id)
+    return still
+
+
+def rescue(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """running with an expired lease → queued, or → dead when no attempts are left."""
+    now = now or utcnow()
+    expired = [jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < now]
+    before = get_job(session, job_id)
+    if before is None:
+        return None
+    job = _transition(
+        session,
+        job_id,
+        [*expired, jobs.c.attempts < jobs.c.max_attempts],
+        {
+            "state": JobState.QUEUED.value,
+            "lease_expires_at": None,
+            "published_at": None,
+            "updated_at": now,
+        },
+    )
+    if job is not None:
+        _event(
+            session,
+            job,
+            "rescued",
+            JobState.RUNNING,
+            at=now,
+            worker=before.worker,
+            detail={"reason": "lease expired"},
+        )
+        return job
+    lost = JobError("WorkerLost", "the worker running the last attempt stopped responding")
+    job = _transition(
+        session,
+        job_id,
+        [*expired, jobs.c.attempts >= jobs.c.max_attempts],
+        {
+            "state": JobState.DEAD.value,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **_error_values(lost),
+        },
+    )
+    if job is not None:
+        _event(
+            session,
+            job,
+            "dead",
+            JobState.RUNNING,
+            at=now,
+            worker=before.worker,
+            detail={"error_type": lost.type, "reason": "lease expired"},
+        )
+    return job
+
+
+def expired_leases(
+    session: Session, *, now: dt.datetime | None = None, limit: int = 500
+) -> list[uuid.UUID]:
+    """Running jobs whose worker stopped renewing its lease."""
+    statement = (
+        select(jobs.c.id)
+        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < (now or utcnow()))
+        .limit(limit)
+    )
+    return list(session.execute(statement).scalars())
+
+
+def list_dead(
+    session: Session,
+    *,
+    tenant: str | None,
+    task: str | None = None,
+    error_type: str | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Dead jobs, most recently dead first, optionally of one task type and error type."""
+    statement: Select[Any] = select(jobs).where(jobs.c.state == JobState.DEAD.value)
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    if task is not None:
+        statement = statement.where(jobs.c.task == task)
+    if error_type is not None:
+        statement = statement.where(jobs.c.error_type == error_type)
+    statement = statement.order_by(jobs.c.finished_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [Job.from_row(r) for r in session.execute(statement).mappings()]
+
+
+def dead_groups(session: Session, *, tenant: str | None) -> list[tuple[str, str, str, int]]:
+    """Dead jobs counted by task, error type and error fingerprint, largest group first."""
+    statement = select(
+        jobs.c.task,
+        func.coalesce(jobs.c.error_type, ""),
+        func.coalesce(jobs.c.error_fingerprint, ""),
+        func.count(),
+    ).where(jobs.c.state == JobState.DEAD.value)
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    statement = statement.group_by(
+        jobs.c.task,
+        func.coalesce(jobs.c.error_type, ""),
+        func.coalesce(jobs.c.error_fingerprint, ""),
+    ).order_by(func.count().desc())
+    return [(t, e, f, int(n)) for t, e, f, n in session.execute(statement).all()]
+
+
+def delete_dead(session: Session, job_id: uuid.UUID, *, tenant: str | None) -> bool:
+    """Remove a dead job for good, its history with it; False if it is not a dead job."""
+    statement = delete(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.DEAD.value)
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    return session.execute(statement.returning(jobs.c.id)).first() is not None
+
+
+def forget_publications(session: Session) -> int:
+    """Mark every queued job unpublished, after the broker lost its messages."""
+    result = session.execute(
+        update(jobs)
+        .where(jobs.c.state == JobState.QUEUED.value, jobs.c.published_at.is_not(None))
+        .values(published_at=None)
+        .returning(jobs.c.id)
+    )
+    return len(result.all())

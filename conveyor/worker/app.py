@@ -7,19 +7,24 @@ import logging
 import uuid
 from typing import Any
 
+import redis
 from celery import Celery, Task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from conveyor.config import MAINTENANCE_QUEUE, RUN_TASK, Settings, celery_config
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job
 from conveyor.tasks import registry
 from conveyor.worker.execute import Executor
+from conveyor.worker.leases import LeaseKeeper
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle, worker_name
 
 log = logging.getLogger(__name__)
 
 RELAY_TASK = "conveyor.relay"
+RESCUE_TASK = "conveyor.rescue"
 
 
 def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None) -> Celery:
@@ -31,19 +36,40 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             "task": RELAY_TASK,
             "schedule": settings.relay_interval_seconds,
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.relay_interval_seconds * 5},
-        }
+        },
+        "rescue": {
+            "task": RESCUE_TASK,
+            "schedule": settings.rescue_interval_seconds,
+            "options": {
+                "queue": MAINTENANCE_QUEUE,
+                "expires": settings.rescue_interval_seconds * 3,
+            },
+        },
     }
     # Beat keeps no file: what it schedules is derived from settings and the store.
     app.conf.beat_scheduler = "celery.beat:Scheduler"
     handle = store_handle or StoreHandle(settings.database_url)
     publisher = CeleryPublisher(app)
+    leases = LeaseKeeper(
+        sessions=handle.sessions,
+        worker=worker_name,
+        lease_seconds=settings.lease_seconds,
+        interval=min(settings.heartbeat_seconds, settings.lease_seconds / 3),
+    )
     executor = Executor(
         sessions=handle.sessions,
         registry=registry,
         worker=lambda: worker_name(),
         lease_seconds=settings.lease_seconds,
         reschedule=lambda job: _publish_one(handle, publisher, job),
+        leases=leases,
     )
+
+    @worker_process_init.connect(weak=False)
+    def _in_pool_child(**_kwargs: Any) -> None:
+        # A prefork child can be stopped by ending it; its pool starts another.
+        leases.kill_process = True
+
     app.conveyor_store = handle
     app.conveyor_publisher = publisher
     app.conveyor_executor = executor
@@ -55,14 +81,61 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         except (ValueError, TypeError):
             log.error("dropping a message with a malformed job id: %r", job_id)
             return
-        outcome = executor.run(parsed)
+        try:
+            outcome = executor.run(parsed)
+        except (OperationalError, InterfaceError) as error:
+            # The store is away: send the message round again rather than lose it.
+            retries = self.request.retries
+            log.warning("job store unavailable for job %s (%s); retrying", parsed, error)
+            raise self.retry(countdown=min(2.0**retries, 10.0), max_retries=None) from None
         log.debug("job %s: %s", parsed, outcome.action)
 
     @app.task(name=RELAY_TASK, ignore_result=True)
     def relay() -> int:
+        if broker_forgot(settings.broker_url):
+            with handle.sessions().begin() as session:
+                count = store.forget_publications(session)
+            log.warning("the broker restarted empty; republishing %d queued jobs", count)
         return relay_once(handle, publisher, grace_seconds=settings.relay_grace_seconds)
 
+    @app.task(name=RESCUE_TASK, ignore_result=True)
+    def rescue() -> int:
+        return rescue_once(handle, publisher)
+
     return app
+
+
+EPOCH_KEY = "conveyor:broker-epoch"
+
+
+def broker_forgot(broker_url: str) -> bool:
+    """True once after a Redis broker came back without its data (or on first use).
+
+    A marker key lives in the broker itself: when it is missing, so is every message
+    that was queued with it.
+    """
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return False
+    client = redis.Redis.from_url(broker_url, socket_timeout=2)
+    try:
+        return bool(client.set(EPOCH_KEY, store.utcnow().isoformat(), nx=True))
+    finally:
+        client.close()
+
+
+def rescue_once(handle: StoreHandle, publisher: CeleryPublisher, limit: int = 500) -> int:
+    """Requeue (or bury) running jobs whose worker stopped renewing their lease."""
+    sessions = handle.sessions()
+    requeued: list[Job] = []
+    with sessions.begin() as session:
+        for job_id in store.expired_leases(session, limit=limit):
+            job = store.rescue(session, job_id)
+            if job is not None and job.state.value == "queued":
+                requeued.append(job)
+    if requeued:
+        log.warning("rescued %d jobs whose worker stopped responding", len(requeued))
+        outbox.publish_recorded(sessions, publisher, requeued)
+    return len(requeued)
 
 
 def _publish_one(handle: StoreHandle, publisher: CeleryPublisher, job: Job) -> None:

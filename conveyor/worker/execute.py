@@ -6,7 +6,6 @@ import datetime as dt
 import hashlib
 import logging
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import store
@@ -23,10 +22,9 @@ from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import jobs as jobs_table
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
+from conveyor.worker.leases import JobCancelled, LeaseKeeper
 
 log = logging.getLogger(__name__)
-
-CANCEL_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -35,8 +33,7 @@ class RunContext:
 
     job: Job
     sessions: sessionmaker[Session]
-    _checked_at: float = field(default=0.0, init=False)
-    _cancelled: bool = field(default=False, init=False)
+    lost: threading.Event = field(default_factory=threading.Event)
 
     @property
     def job_id(self) -> str:
@@ -49,25 +46,8 @@ class RunContext:
         return self.job.attempts
 
     def cancelled(self) -> bool:
-        """Whether the job has left `running` for this attempt (cancelled, or taken away)."""
-        if self._cancelled:
-            return True
-        now = time.monotonic()
-        if now - self._checked_at < CANCEL_POLL_SECONDS:
-            return False
-        self._checked_at = now
-        with self.sessions() as session:
-            row = session.execute(
-                select(jobs_table.c.state, jobs_table.c.worker, jobs_table.c.attempts).where(
-                    jobs_table.c.id == self.job.id
-                )
-            ).first()
-        self._cancelled = row is None or (
-            row.state != JobState.RUNNING.value
-            or row.worker != self.job.worker
-            or row.attempts != self.job.attempts
-        )
-        return self._cancelled
+        """Whether the job was taken from this run (cancelled, or rescued elsewhere)."""
+        return self.lost.is_set()
 
     def set_progress(self, progress: Any) -> None:
         """Store progress on the job row while this attempt holds it."""
@@ -117,13 +97,14 @@ class Executor:
         worker: Callable[[], str],
         lease_seconds: float,
         reschedule: Reschedule,
+        leases: LeaseKeeper,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
         self._worker = worker
         self._lease_seconds = lease_seconds
         self._reschedule = reschedule
-        self._local = threading.local()
+        self.leases = leases
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
@@ -132,14 +113,19 @@ class Executor:
         job = self._claim(sessions, job_id, worker)
         if isinstance(job, Outcome):
             return job
+        lost = self.leases.hold(job.id, job.attempts)
         try:
             task_type = self._registry.get(job.task)
             payload = task_type.validate(job.payload)
-            result = task_type.handler(payload, RunContext(job, sessions))
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt | SystemExit):
-                raise
+            result = task_type.handler(payload, RunContext(job, sessions, lost))
+        except JobCancelled:
+            return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+        except Exception as error:
+            if lost.is_set():
+                return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
             return self._failed(sessions, job, worker, error)
+        finally:
+            self.leases.drop(job.id)
         with sessions.begin() as session:
             done = store.succeed(
                 session, job.id, worker=worker, attempt=job.attempts, result=result
@@ -158,6 +144,17 @@ class Executor:
             current = store.get_job(session, job_id)
             if current is None:
                 return Outcome(job_id, "dropped", None)
+            expired = (
+                current.state == JobState.RUNNING
+                and current.lease_expires_at is not None
+                and current.lease_expires_at < store.utcnow()
+            )
+            if expired and (rescued := store.rescue(session, job_id)) is not None:
+                # Its last worker is gone; this delivery takes over at once.
+                current = rescued
+                job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)
+                if job is not None:
+                    return job
             waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
             if waiting and store.promote(session, job_id) is not None:
                 job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)

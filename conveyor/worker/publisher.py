@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,15 @@ from conveyor.jobs.store import utcnow
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
-MAX_COUNTDOWN_SECONDS = 600.0
+MAX_COUNTDOWN_SECONDS = 30.0
+# After a failed publish, skip the broker this long: the relay publishes what waits.
+BROKER_DOWN_BACKOFF_SECONDS = 2.0
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker refused a publish recently; callers leave the job to the relay."""
+
+
 HARD_LIMIT_GRACE_SECONDS = 10.0
 
 
@@ -24,12 +33,23 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self._app = app
+        self._down_until = 0.0
 
     def publish(self, jobs: Sequence[Job]) -> list[uuid.UUID]:
         """Publish each job; waiting jobs carry a countdown to their due time."""
         published: list[uuid.UUID] = []
         if not jobs:
             return published
+        if time.monotonic() < self._down_until:
+            raise BrokerUnavailable("the broker refused a publish moments ago")
+        try:
+            self._send(jobs, published)
+        except Exception:
+            self._down_until = time.monotonic() + BROKER_DOWN_BACKOFF_SECONDS
+            raise
+        return published
+
+    def _send(self, jobs: Sequence[Job], published: list[uuid.UUID]) -> None:
         now = utcnow()
         with self._app.producer_or_acquire() as producer:
             for job in jobs:
@@ -52,4 +72,3 @@ class CeleryPublisher:
                     **options,
                 )
                 published.append(job.id)
-        return published
