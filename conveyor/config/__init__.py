@@ -1,5 +1,12 @@
 """Settings and the Celery configuration derived from them."""
 
+from conveyor.config.celery_config import (
+    MAINTENANCE_QUEUE,
+    RUN_TASK,
+    celery_config,
+    dead_letter_queue,
+    is_amqp,
+)
 from conveyor.config.settings import (
     EMBEDDED_BROKER,
     POOLS,
@@ -9,8 +16,16 @@ from conveyor.config.settings import (
     load_settings,
 )
 
-__all__ = ["EMBEDDED_BROKER", "POOLS", "Settings", "SettingsError", "get_settings", "load_settings"]
-
-from conveyor.config.celery_config import MAINTENANCE_QUEUE, RUN_TASK, celery_config
-
-__all__ += ["MAINTENANCE_QUEUE", "RUN_TASK", "celery_config"]
+__all__ = [
+    "EMBEDDED_BROKER",
+    "MAINTENANCE_QUEUE",
+    "POOLS",
+    "RUN_TASK",
+    "Settings",
+    "SettingsError",
+    "celery_config",
+    "dead_letter_queue",
+    "get_settings",
+    "is_amqp",
+    "load_settings",
+]

@@ -9,12 +9,47 @@ from kombu.entity import Exchange, Queue
 from conveyor.config.settings import POOLS, Settings
 
 RUN_TASK = "conveyor.run"
+DEAD_LETTER_EXCHANGE = "conveyor.dlx"
+DEAD_LETTER_QUEUE = "conveyor.dead-letters"
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether the broker is RabbitMQ."""
+    return broker_url.startswith(("amqp://", "amqps://"))
+
+
+def pool_queues(settings: Settings) -> list[Queue]:
+    """One durable queue per pool; on RabbitMQ, replicated and with a dead-letter exchange."""
+    exchange = Exchange("conveyor", type="direct")
+    if not is_amqp(settings.broker_url):
+        return [Queue(name, exchange, routing_key=name) for name in POOLS]
+    arguments = {
+        # Quorum queues are replicated and count deliveries, so a poison message ends.
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.rabbitmq_delivery_limit,
+        # What RabbitMQ rejects or drops outside our code lands where we record it.
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+    return [
+        Queue(name, exchange, routing_key=name, queue_arguments=dict(arguments)) for name in POOLS
+    ]
+
+
+def dead_letter_queue() -> Queue:
+    """The RabbitMQ queue collecting messages the broker dead-lettered."""
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(DEAD_LETTER_EXCHANGE, type="fanout"),
+        routing_key="#",
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
 MAINTENANCE_QUEUE = "high"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a Conveyor app; every choice carries its reason."""
-    exchange = Exchange("conveyor", type="direct")
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         # Pickle on the wire is remote code execution: JSON only, both ways.
@@ -25,7 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Job state lives in the database, never in a result backend.
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
-        "task_queues": [Queue(name, exchange, routing_key=name) for name in POOLS],
+        "task_queues": pool_queues(settings),
         "task_default_queue": "default",
         "task_default_exchange": "conveyor",
         "task_default_routing_key": "default",
@@ -64,6 +99,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     elif settings.broker_url.startswith(("amqp://", "amqps://")):
         # A publish counts only once the broker has confirmed it.
         config["broker_transport_options"] = {"confirm_publish": True}
+        # Quorum queues have no global QoS; Celery detects them and uses per-consumer QoS.
+        config["worker_detect_quorum_queues"] = True
     else:
         # The in-process broker is polled; a short interval keeps latency low.
         config["broker_transport_options"] = {"polling_interval": 0.01}

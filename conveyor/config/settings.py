@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     # Redis hands an unacknowledged message to another consumer after this long; our
     # claims make that safe, and it bounds how long a killed worker's prefetched jobs wait.
     redis_visibility_timeout: int = Field(default=60, ge=10)
+    rabbitmq_delivery_limit: int = Field(default=20, ge=1)
     retry_base_seconds: float = Field(default=1.0, gt=0)
     retry_cap_seconds: float = Field(default=300.0, gt=0)
     default_max_attempts: int = Field(default=3, ge=1, le=100)

@@ -706,3 +706,12 @@ def forget_publications(session: Session) -> int:
         .returning(jobs.c.id)
     )
     return len(result.all())
+
+
+def forget_publication(session: Session, job_id: uuid.UUID) -> None:
+    """Mark one queued job unpublished: its message is known to be gone."""
+    session.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+        .values(published_at=None)
+    )

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import signal
+import threading
 import uuid
 from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from conveyor.config import MAINTENANCE_QUEUE, RUN_TASK, Settings, celery_config
+from conveyor.config import (
+    MAINTENANCE_QUEUE,
+    RUN_TASK,
+    Settings,
+    celery_config,
+    dead_letter_queue,
+    is_amqp,
+)
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job
 from conveyor.tasks import registry
@@ -49,7 +59,8 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
     # Beat keeps no file: what it schedules is derived from settings and the store.
     app.conf.beat_scheduler = "celery.beat:Scheduler"
     handle = store_handle or StoreHandle(settings.database_url)
-    publisher = CeleryPublisher(app)
+    # RabbitMQ quorum queues hold no delayed messages: every wait stays in the store.
+    publisher = CeleryPublisher(app, max_countdown=0.0 if is_amqp(settings.broker_url) else 30.0)
     leases = LeaseKeeper(
         sessions=handle.sessions,
         worker=worker_name,
@@ -64,6 +75,11 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         reschedule=lambda job: _publish_one(handle, publisher, job),
         leases=leases,
     )
+
+    @worker_shutting_down.connect(weak=False)
+    def _bound_the_warm_shutdown(how: str = "", **_kwargs: Any) -> None:
+        if how == "Warm":
+            start_shutdown_watchdog(settings.shutdown_grace_seconds)
 
     @worker_process_init.connect(weak=False)
     def _in_pool_child(**_kwargs: Any) -> None:
@@ -96,6 +112,8 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             with handle.sessions().begin() as session:
                 count = store.forget_publications(session)
             log.warning("the broker restarted empty; republishing %d queued jobs", count)
+        if is_amqp(settings.broker_url):
+            record_broker_dead_letters(app, handle)
         return relay_once(handle, publisher, grace_seconds=settings.relay_grace_seconds)
 
     @app.task(name=RESCUE_TASK, ignore_result=True)
@@ -103,6 +121,52 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         return rescue_once(handle, publisher)
 
     return app
+
+
+def start_shutdown_watchdog(grace_seconds: float) -> threading.Timer:
+    """After `grace_seconds` of warm shutdown, turn it cold.
+
+    Warm shutdown lets running jobs finish; a job still running when the grace ends is
+    cancelled, its message goes back to the broker, and its lease lapses so the job is
+    rescued and runs again elsewhere.
+    """
+    timer = threading.Timer(grace_seconds, os.kill, args=(os.getpid(), signal.SIGQUIT))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def record_broker_dead_letters(app: Celery, handle: StoreHandle, limit: int = 500) -> int:
+    """Record messages RabbitMQ dead-lettered, and let the relay publish their jobs again."""
+    recorded = 0
+    with app.connection_for_write() as connection:
+        queue = dead_letter_queue()(connection.default_channel)
+        queue.declare()
+        for _ in range(limit):
+            message = queue.get(no_ack=False, accept=["json"])
+            if message is None:
+                break
+            job_id = _job_id_of(message.payload)
+            if job_id is not None:
+                with handle.sessions().begin() as session:
+                    job = store.get_job(session, job_id)
+                    if job is not None:
+                        store.record_dropped_delivery(
+                            session, job, worker="rabbitmq", reason="dead-lettered by the broker"
+                        )
+                        if job.state.value == "queued":
+                            store.forget_publication(session, job_id)
+                recorded += 1
+            message.ack()
+    return recorded
+
+
+def _job_id_of(payload: Any) -> uuid.UUID | None:
+    try:
+        args = payload[0] if isinstance(payload, list) else payload.get("args")
+        return uuid.UUID(str(args[0]))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
 
 
 EPOCH_KEY = "conveyor:broker-epoch"

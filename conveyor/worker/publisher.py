@@ -31,9 +31,10 @@ HARD_LIMIT_GRACE_SECONDS = 10.0
 class CeleryPublisher:
     """Sends one `conveyor.run` message per job to the job's queue."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, max_countdown: float = MAX_COUNTDOWN_SECONDS) -> None:
         self._app = app
         self._down_until = 0.0
+        self._max_countdown = max_countdown
 
     def publish(self, jobs: Sequence[Job]) -> list[uuid.UUID]:
         """Publish each job; waiting jobs carry a countdown to their due time."""
@@ -56,7 +57,7 @@ class CeleryPublisher:
                 options: dict[str, Any] = {}
                 if job.state in (JobState.SCHEDULED, JobState.RETRYING) and job.run_after:
                     countdown = (job.run_after - now).total_seconds()
-                    if countdown > MAX_COUNTDOWN_SECONDS:
+                    if countdown > self._max_countdown:
                         continue
                     if countdown > 0:
                         options["countdown"] = countdown

@@ -129,3 +129,40 @@ def get_events(job_id: uuid.UUID, key: Reader, state: State) -> EventsOut:
     with state.sessions() as session:
         events = store.list_events(session, job_id)
     return EventsOut(job_id=job_id, items=[EventOut.of(e) for e in events])
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=PROBLEMS)
+def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
+    """Cancel a job that has not finished; a running one is stopped within seconds."""
+    with state.sessions.begin() as session:
+        job = store.cancel(session, job_id, tenant=key.tenant)
+        if job is None:
+            current = store.get_job(session, job_id, tenant=key.tenant)
+    if job is not None:
+        return JobOut.of(job)
+    if current is None:
+        raise Problem(404, f"no job {job_id}")
+    raise Problem(
+        409,
+        f"job {job_id} is {current.state.value}; only unfinished jobs can be cancelled",
+        slug="not-cancellable",
+    )
+
+
+@router.post("/{job_id}/retry", response_model=JobOut, responses=PROBLEMS)
+def retry_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
+    """Queue a dead or cancelled job again under the same id."""
+    with state.sessions.begin() as session:
+        job = store.requeue(session, job_id, tenant=key.tenant)
+        if job is None:
+            current = store.get_job(session, job_id, tenant=key.tenant)
+    if job is None:
+        if current is None:
+            raise Problem(404, f"no job {job_id}")
+        raise Problem(
+            409,
+            f"job {job_id} is {current.state.value}; only dead or cancelled jobs can be retried",
+            slug="not-retryable",
+        )
+    outbox.publish_recorded(state.sessions, state.publisher, [job])
+    return JobOut.of(job)
