@@ -673,20 +673,16 @@ def list_dead(
 
 def dead_groups(session: Session, *, tenant: str | None) -> list[tuple[str, str, str, int]]:
     """Dead jobs counted by task, error type and error fingerprint, largest group first."""
-    statement = select(
-        jobs.c.task,
-        func.coalesce(jobs.c.error_type, ""),
-        func.coalesce(jobs.c.error_fingerprint, ""),
-        func.count(),
-    ).where(jobs.c.state == JobState.DEAD.value)
+    count = func.count().label("n")
+    statement = select(jobs.c.task, jobs.c.error_type, jobs.c.error_fingerprint, count).where(
+        jobs.c.state == JobState.DEAD.value
+    )
     if tenant is not None:
         statement = statement.where(jobs.c.tenant == tenant)
     statement = statement.group_by(
-        jobs.c.task,
-        func.coalesce(jobs.c.error_type, ""),
-        func.coalesce(jobs.c.error_fingerprint, ""),
-    ).order_by(func.count().desc())
-    return [(t, e, f, int(n)) for t, e, f, n in session.execute(statement).all()]
+        jobs.c.task, jobs.c.error_type, jobs.c.error_fingerprint
+    ).order_by(count.desc())
+    return [(t, e or "", f or "", int(n)) for t, e, f, n in session.execute(statement).all()]
 
 
 def delete_dead(session: Session, job_id: uuid.UUID, *, tenant: str | None) -> bool:
