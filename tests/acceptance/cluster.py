@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -220,7 +221,7 @@ class Receiver:
         overlaps = 0
         for runs in by_key.values():
             runs.sort(key=lambda d: d.started)
-            for earlier, later in zip(runs, runs[1:], strict=False):
+            for earlier, later in itertools.pairwise(runs):
                 if later.started < earlier.ended:
                     overlaps += 1
         return overlaps
