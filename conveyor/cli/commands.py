@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from conveyor.api.schemas import JobOut
-from conveyor.cli.wiring import CommandError, build_platform, sessions_for
+from conveyor.cli.errors import CommandError
+from conveyor.cli.wiring import build_platform, sessions_for
 from conveyor.config import Settings
 from conveyor.jobs import keys, outbox, store
 from conveyor.jobs.models import Job

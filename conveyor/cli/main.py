@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from conveyor.cli.wiring import CommandError, fail, settings_or_exit, setup_logging
+# Only light modules here: Celery, SQLAlchemy and the API load once there is work to do,
+# so `--help` and a bad argument answer quickly.
+from conveyor.cli.errors import CommandError, fail, settings_or_exit
 from conveyor.config import POOLS
-from conveyor.jobs.keys import SCOPES
 from conveyor.jobs.states import JobState
+
+if TYPE_CHECKING:
+    from sqlalchemy.exc import SQLAlchemyError
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,6 +26,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _scopes(text: str) -> list[str]:
+    from conveyor.jobs.keys import SCOPES
+
     scopes = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
@@ -83,7 +87,9 @@ def build_parser() -> Parser:
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_commands.add_parser("create", help="create a key and print it once")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--scopes", type=_scopes, default=list(SCOPES))
+    create.add_argument(
+        "--scopes", type=_scopes, help="comma-separated scopes (default: every scope)"
+    )
 
     submit = commands.add_parser("submit", help="submit a job")
     submit.add_argument("task")
@@ -120,8 +126,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `conveyor` command."""
     args = build_parser().parse_args(argv)
     settings = settings_or_exit()
-    setup_logging(settings)
+    from sqlalchemy.exc import SQLAlchemyError
+
     from conveyor.cli import commands, services, up
+    from conveyor.cli.wiring import setup_logging
+    from conveyor.jobs.keys import SCOPES
+
+    setup_logging(settings)
 
     try:
         match args.command:
@@ -139,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             case "migrate":
                 services.migrate(settings)
             case "keys":
-                commands.keys_create(settings, args.tenant, args.scopes)
+                commands.keys_create(settings, args.tenant, args.scopes or list(SCOPES))
             case "submit":
                 sys.exit(
                     commands.submit(

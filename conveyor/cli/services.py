@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from conveyor.api.app import create_app
-from conveyor.cli.wiring import CommandError, build_platform, fail, run_migrations
+from conveyor.cli.errors import CommandError, fail
+from conveyor.cli.wiring import build_platform, run_migrations
 from conveyor.config import Settings
 
 
@@ -42,7 +43,8 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         "--pool",
         settings.worker_pool_class,
         "--hostname",
-        f"{name}@%h",
+        # Unique per process: two workers of one pool on a host must not share a node name.
+        f"{name}-{os.getpid()}@%h",
         "--loglevel",
         settings.log_level,
         "--without-mingle",

@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
-from typing import NoReturn
 
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.api.state import ApiState
-from conveyor.config import Settings, SettingsError, load_settings
+from conveyor.cli.errors import CommandError
+from conveyor.config import Settings
 from conveyor.jobs import migrate
 from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.worker.app import create_celery
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
-
-
-class CommandError(Exception):
-    """A failure the command line reports as one line."""
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit."""
-    sys.stderr.write(f"conveyor: {message}\n")
-    sys.exit(code)
-
-
-def settings_or_exit() -> Settings:
-    """The settings, or exit 2 with one line naming the invalid variable."""
-    try:
-        return load_settings()
-    except SettingsError as error:
-        fail(str(error))
 
 
 def setup_logging(settings: Settings) -> None:

@@ -30,9 +30,7 @@ def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_pat
             what="the supervisor to start its children",
         )
         assert "api, worker-high, worker-default, worker-low, beat" in text
-        key = next(
-            line.rsplit(" ", 1)[1] for line in text.splitlines() if "Admin API key" in line
-        )
+        key = next(line.rsplit(" ", 1)[1] for line in text.splitlines() if "Admin API key" in line)
         children = psutil.Process(process.pid).children()
         assert len(children) == 5
         base = f"http://127.0.0.1:{port}"
@@ -50,9 +48,10 @@ def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_pat
         ]
         for job_id in ids:
             wait_until(
-                lambda job_id=job_id: httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers)
-                .json()["state"]
-                == "succeeded",
+                lambda job_id=job_id: (
+                    httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers).json()["state"]
+                    == "succeeded"
+                ),
                 timeout=60,
                 interval=0.2,
                 what=f"job {job_id} to succeed",
