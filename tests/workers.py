@@ -18,7 +18,7 @@ def service_env(database_url: str, broker_url: str, **extra: str) -> dict[str, s
     env.update(
         CONVEYOR_DATABASE_URL=database_url,
         CONVEYOR_BROKER_URL=broker_url,
-        CONVEYOR_LOG_LEVEL="WARNING",
+        CONVEYOR_LOG_LEVEL=os.environ.get("CONVEYOR_TEST_LOG_LEVEL", "WARNING"),
         **extra,
     )
     return env

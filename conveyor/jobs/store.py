@@ -711,3 +711,26 @@ def forget_publication(session: Session, job_id: uuid.UUID) -> None:
         .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
         .values(published_at=None)
     )
+
+
+def forget_stale_publications(
+    session: Session, *, queue: str, published_before: dt.datetime
+) -> int:
+    """Mark queued jobs of `queue` unpublished when their message is long gone from it.
+
+    Called when the broker's queue is empty although jobs of it are still queued: their
+    messages were lost (deleted queue, unroutable publish), so they are published again.
+    A message that was merely reserved by a busy worker becomes a duplicate that the
+    claim drops.
+    """
+    result = session.execute(
+        update(jobs)
+        .where(
+            jobs.c.state == JobState.QUEUED.value,
+            jobs.c.queue == queue,
+            jobs.c.published_at < published_before,
+        )
+        .values(published_at=None)
+        .returning(jobs.c.id)
+    )
+    return len(result.all())

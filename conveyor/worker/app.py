@@ -26,6 +26,7 @@ from conveyor.config import (
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job
 from conveyor.tasks import registry
+from conveyor.worker.broker import queue_depths
 from conveyor.worker.execute import Executor
 from conveyor.worker.leases import LeaseKeeper
 from conveyor.worker.publisher import CeleryPublisher
@@ -114,6 +115,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             log.warning("the broker restarted empty; republishing %d queued jobs", count)
         if is_amqp(settings.broker_url):
             record_broker_dead_letters(app, handle)
+        sweep_lost_messages(app, handle, grace_seconds=settings.relay_grace_seconds)
         return relay_once(handle, publisher, grace_seconds=settings.relay_grace_seconds)
 
     @app.task(name=RESCUE_TASK, ignore_result=True)
@@ -134,6 +136,22 @@ def start_shutdown_watchdog(grace_seconds: float) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
+
+
+def sweep_lost_messages(app: Celery, handle: StoreHandle, *, grace_seconds: float) -> int:
+    """Republish queued jobs of every empty queue whose messages have gone missing."""
+    cutoff = store.utcnow() - dt.timedelta(seconds=grace_seconds)
+    forgotten = 0
+    for queue, depth in queue_depths(app).items():
+        if depth:
+            continue
+        with handle.sessions().begin() as session:
+            forgotten += store.forget_stale_publications(
+                session, queue=queue, published_before=cutoff
+            )
+    if forgotten:
+        log.warning("%d queued jobs had no message in the broker; publishing again", forgotten)
+    return forgotten
 
 
 def record_broker_dead_letters(app: Celery, handle: StoreHandle, limit: int = 500) -> int:
