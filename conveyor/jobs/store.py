@@ -591,6 +591,10 @@ def rescue(
     before = get_job(session, job_id)
     if before is None:
         return None
+    lost = JobError(
+        "WorkerLost",
+        "the attempt's worker stopped renewing its lease (killed, hard time limit, or lost)",
+    )
     job = _transition(
         session,
         job_id,
@@ -600,6 +604,7 @@ def rescue(
             "lease_expires_at": None,
             "published_at": None,
             "updated_at": now,
+            **_error_values(lost),
         },
     )
     if job is not None:
@@ -613,7 +618,6 @@ def rescue(
             detail={"reason": "lease expired"},
         )
         return job
-    lost = JobError("WorkerLost", "the worker running the last attempt stopped responding")
     job = _transition(
         session,
         job_id,

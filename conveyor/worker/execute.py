@@ -113,7 +113,7 @@ class Executor:
         job = self._claim(sessions, job_id, worker)
         if isinstance(job, Outcome):
             return job
-        lost = self.leases.hold(job.id, job.attempts)
+        lost = self.leases.hold(job.id, job.attempts, job.timeout_seconds)
         try:
             task_type = self._registry.get(job.task)
             payload = task_type.validate(job.payload)

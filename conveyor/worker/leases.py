@@ -31,20 +31,25 @@ class JobCancelled(BaseException):
     """
 
 
+class JobTimedOut(Exception):
+    """Raised inside a run that outlived its time limit where Celery cannot enforce one."""
+
+
 @dataclass
 class Held:
     """A run this process is holding."""
 
     attempt: int
     thread_id: int
+    deadline: float | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     lost_at: float | None = None
 
 
-def _raise_in_thread(thread_id: int) -> bool:
-    """Raise JobCancelled in another thread of this process at its next bytecode."""
+def _raise_in_thread(thread_id: int, error: type[BaseException] = JobCancelled) -> bool:
+    """Raise `error` in another thread of this process at its next bytecode."""
     done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(JobCancelled)
+        ctypes.c_ulong(thread_id), ctypes.py_object(error)
     )
     return bool(done == 1)
 
@@ -74,9 +79,16 @@ class LeaseKeeper:
         self._renewed_at = time.monotonic()
         self._pid = -1
 
-    def hold(self, job_id: uuid.UUID, attempt: int) -> threading.Event:
-        """Start renewing a run's lease; the returned event is set if the job is taken away."""
-        held = Held(attempt, threading.get_ident())
+    def hold(
+        self, job_id: uuid.UUID, attempt: int, timeout: float | None = None
+    ) -> threading.Event:
+        """Start renewing a run's lease; the returned event is set if the job is taken away.
+
+        Outside a prefork child (where Celery enforces time limits), a run still going
+        after `timeout` seconds gets JobTimedOut raised in it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        held = Held(attempt, threading.get_ident(), deadline)
         with self._lock:
             self._held[job_id] = held
             self._ensure_thread()
@@ -136,6 +148,10 @@ class LeaseKeeper:
         self._renewed_at = now
         for job_id, h in held.items():
             if job_id in still:
+                if not self.kill_process and h.deadline is not None and now > h.deadline:
+                    h.deadline = None
+                    log.warning("job %s passed its time limit; stopping the attempt", job_id)
+                    _raise_in_thread(h.thread_id, JobTimedOut)
                 continue
             if h.lost_at is None:
                 h.lost_at = now

@@ -155,3 +155,34 @@ def test_permanent_failure_goes_dead_after_one_attempt(
     assert "failure 1 of 5" in done["error"]["message"]
     assert "Traceback" in done["error"]["traceback"]
     assert [e for e, _, _ in _events(pg_engine, job["id"])] == ["created", "claimed", "dead"]
+
+
+def test_per_job_time_limit_ends_the_attempt_as_a_failure(
+    platform_client: tuple[TestClient, str], pg_engine: Engine
+) -> None:
+    client, key = platform_client
+    headers = {"Authorization": f"Bearer {key}"}
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "task": "demo.sleep",
+            "payload": {"seconds": 60},
+            "timeout_seconds": 1,
+            "max_attempts": 1,
+        },
+        headers=headers,
+    ).json()
+    done = wait_until(
+        lambda: (
+            (b := client.get(f"/v1/jobs/{job['id']}", headers=headers).json())["state"]
+            in ("dead", "succeeded")
+            and b
+        ),
+        timeout=30,
+        what="the timed-out job to go dead",
+    )
+    assert done["state"] == "dead"
+    assert done["error"]["type"].endswith("SoftTimeLimitExceeded")
+    assert done["finished_at"] is not None
+    history = [e for e, _, _ in _events(pg_engine, job["id"])]
+    assert history == ["created", "claimed", "dead"]
