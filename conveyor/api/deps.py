@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from conveyor.api.problems import Problem
+from conveyor.api.ratelimit import retry_after
 from conveyor.api.state import ApiState
 from conveyor.jobs.keys import ApiKey
 
@@ -32,6 +33,15 @@ def get_key(request: Request, state: State) -> ApiKey:
     key = state.key_cache.lookup(state.sessions, presented.strip())
     if key is None:
         raise Problem(401, "the API key is unknown or revoked", headers=CHALLENGE)
+    assert state.limiter is not None
+    wait = state.limiter.acquire(str(key.id))
+    if wait:
+        raise Problem(
+            429,
+            "this API key is over its request rate; slow down",
+            slug="rate-limited",
+            headers={"Retry-After": retry_after(wait)},
+        )
     return key
 
 

@@ -38,6 +38,13 @@ class JobIn(BaseModel):
         return self
 
 
+class BatchIn(BaseModel):
+    """Up to 1,000 jobs submitted together."""
+
+    model_config = ConfigDict(extra="forbid")
+    jobs: list[JobIn] = Field(min_length=1, max_length=1000)
+
+
 class ErrorOut(BaseModel):
     """The last error of a job."""
 
@@ -94,6 +101,19 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
         )
+
+
+class BatchOut(BaseModel):
+    """The jobs of a batch, in the order submitted."""
+
+    jobs: list[JobOut]
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first; `next_cursor` fetches the next, null at the end."""
+
+    items: list[JobOut]
+    next_cursor: str | None
 
 
 class EventOut(BaseModel):

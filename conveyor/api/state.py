@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.api.ratelimit import RateLimiter
 from conveyor.config import Settings
 from conveyor.jobs import keys
 from conveyor.jobs.outbox import Publisher
@@ -50,3 +51,10 @@ class ApiState:
     publisher: Publisher
     broker_check: Callable[[], None]
     key_cache: KeyCache = field(default_factory=KeyCache)
+    limiter: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = RateLimiter(
+                self.settings.api_rate_per_second, float(self.settings.api_rate_burst)
+            )

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
 
     # API limits.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Requests per second per API key (0: no limit), with bursts up to the burst size.
+    api_rate_per_second: float = Field(default=200.0, ge=0)
+    api_rate_burst: int = Field(default=400, ge=1)
 
     # Execution.
     # A run renews its lease every heartbeat; rescue takes jobs whose lease expired,

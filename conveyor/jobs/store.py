@@ -8,6 +8,7 @@ None and writes nothing; the caller decides what that means.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -738,3 +739,47 @@ def forget_stale_publications(
         .returning(jobs.c.id)
     )
     return len(result.all())
+
+
+def lock_idempotency_key(session: Session, tenant: str, key: str) -> bool:
+    """Take the transaction's lock on a tenant's idempotency key; False if another holds it.
+
+    On PostgreSQL an advisory lock held to the end of the transaction; SQLite runs one
+    writing transaction at a time, so there the lock is always had.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    digest = hashlib.sha256(f"{tenant}\x00{key}".encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    return bool(session.execute(select(func.pg_try_advisory_xact_lock(lock_id))).scalar_one())
+
+
+def list_jobs_page(
+    session: Session,
+    *,
+    tenant: str,
+    state: JobState | None = None,
+    task: str | None = None,
+    tag: str | None = None,
+    limit: int = 50,
+    before: tuple[dt.datetime, uuid.UUID] | None = None,
+) -> list[Job]:
+    """A tenant's jobs newest first, strictly after the (created_at, id) position `before`."""
+    statement: Select[Any] = select(jobs).where(jobs.c.tenant == tenant)
+    if state is not None:
+        statement = statement.where(jobs.c.state == state.value)
+    if task is not None:
+        statement = statement.where(jobs.c.task == task)
+    if tag is not None:
+        if session.get_bind().dialect.name == "postgresql":
+            statement = statement.where(jobs.c.tags.op("@>")(func.jsonb_build_array(tag)))
+        else:
+            each = func.json_each(jobs.c.tags).table_valued("value")
+            statement = statement.where(select(each.c.value).where(each.c.value == tag).exists())
+    if before is not None:
+        at, job_id = before
+        statement = statement.where(
+            or_(jobs.c.created_at < at, and_(jobs.c.created_at == at, jobs.c.id < job_id))
+        )
+    statement = statement.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [Job.from_row(r) for r in session.execute(statement).mappings()]

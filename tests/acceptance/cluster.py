@@ -146,7 +146,9 @@ def cluster_context(
     cluster = Cluster(database_url, broker_url, engine, logs)
     with make_session_factory(engine).begin() as session:
         cluster.key, _ = keys.create_key(session, tenant="acme")
-    cluster.platform = build_platform(Settings(database_url=database_url, broker_url=broker_url))
+    cluster.platform = build_platform(
+        Settings(database_url=database_url, broker_url=broker_url, api_rate_per_second=0)
+    )
     cluster.start_all(worker_names)
     try:
         with TestClient(create_app(cluster.platform.api_state())) as client:

@@ -26,7 +26,9 @@ def platform_client(
     """The API in-process and one real worker process per pool."""
     env = workers.service_env(pg_url, redis_url)
     commands = [["worker", "--pool", pool] for pool in ("high", "default", "low")]
-    platform = build_platform(Settings(database_url=pg_url, broker_url=redis_url))
+    platform = build_platform(
+        Settings(database_url=pg_url, broker_url=redis_url, api_rate_per_second=0)
+    )
     with make_session_factory(pg_engine).begin() as session:
         key, _ = keys.create_key(session, tenant="acme")
     with (

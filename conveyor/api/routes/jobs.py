@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as dt
 import hashlib
 import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from conveyor.api.deps import Reader, State, Submitter
 from conveyor.api.problems import Problem, validation_errors
-from conveyor.api.schemas import EventOut, EventsOut, JobIn, JobOut, ProblemOut
+from conveyor.api.schemas import (
+    BatchIn,
+    BatchOut,
+    EventOut,
+    EventsOut,
+    JobIn,
+    JobOut,
+    JobPage,
+    ProblemOut,
+)
 from conveyor.jobs import outbox, store
-from conveyor.jobs.models import Job
+from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.states import JobState
 from conveyor.tasks import UnknownTask, registry
 from conveyor.tasks.submission import build_new_job
 
@@ -45,19 +58,16 @@ def _replay(job: Job, digest: str, response: Response) -> JobOut:
     return JobOut.of(job)
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=PROBLEMS)
-def submit_job(
+def _build(
     body: JobIn,
-    key: Submitter,
-    state: State,
-    response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> JobOut:
-    """Record a job and queue it; with an Idempotency-Key, a repeat returns the same job."""
+    tenant: str,
+    idempotency_key: str | None,
+    loc: tuple[str | int, ...] = ("body",),
+) -> NewJob:
     try:
-        new = build_new_job(
+        return build_new_job(
             registry,
-            tenant=key.tenant,
+            tenant=tenant,
             task=body.task,
             payload=body.payload,
             priority=body.priority.value if body.priority else None,
@@ -74,24 +84,47 @@ def submit_job(
             422,
             f"unknown task {body.task!r}",
             slug="unknown-task",
-            errors=[{"loc": ["body", "task"], "msg": "no task type has this name"}],
+            errors=[{"loc": [*loc, "task"], "msg": "no task type has this name"}],
         ) from None
     except ValidationError as error:
         raise Problem(
             422,
             f"the payload does not match the schema of {body.task!r}",
             slug="invalid-payload",
-            errors=validation_errors(error.errors(), ("body", "payload")),
+            errors=validation_errors(error.errors(), (*loc, "payload")),
         ) from None
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=PROBLEMS)
+def submit_job(
+    body: JobIn,
+    key: Submitter,
+    state: State,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobOut:
+    """Record a job and queue it; with an Idempotency-Key, a repeat returns the same job.
+
+    Keys are scoped to the tenant and kept as long as the job (at least 24 hours): the
+    same key and body answer the original job (200), another body 422, and a repeat
+    while the first request is still being recorded 409.
+    """
+    new = _build(body, key.tenant, idempotency_key)
     digest = new.request_hash or ""
     sessions = state.sessions
-    if idempotency_key is not None:
-        with sessions() as session:
-            existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
-        if existing is not None:
-            return _replay(existing, digest, response)
     try:
         with sessions.begin() as session:
+            if idempotency_key is not None:
+                if not store.lock_idempotency_key(session, key.tenant, idempotency_key):
+                    raise Problem(
+                        409,
+                        "a request with this Idempotency-Key is still in progress",
+                        slug="idempotency-key-in-progress",
+                        headers={"Retry-After": "1"},
+                    )
+                existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
+                if existing is not None:
+                    return _replay(existing, digest, response)
             job = store.create_job(session, new)
     except IntegrityError:
         if idempotency_key is None:
@@ -106,6 +139,72 @@ def submit_job(
     if not published:
         response.headers["Conveyor-Publish"] = "deferred"
     return JobOut.of(job)
+
+
+@router.post("/batch", status_code=202, response_model=BatchOut, responses=PROBLEMS)
+def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response) -> BatchOut:
+    """Record up to 1,000 jobs at once: all are validated before any is accepted."""
+    new_jobs = [
+        _build(item, key.tenant, None, ("body", "jobs", index))
+        for index, item in enumerate(body.jobs)
+    ]
+    with state.sessions.begin() as session:
+        jobs = store.create_jobs(session, new_jobs)
+    if not outbox.publish_recorded(state.sessions, state.publisher, jobs):
+        response.headers["Conveyor-Publish"] = "deferred"
+    return BatchOut(jobs=[JobOut.of(job) for job in jobs])
+
+
+@router.get("", response_model=JobPage, responses=PROBLEMS)
+def list_jobs(
+    key: Reader,
+    state: State,
+    job_state: Annotated[JobState | None, Query(alias="state")] = None,
+    task: Annotated[str | None, Query(max_length=200)] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """The tenant's jobs, newest first, a page at a time; pages stay stable as jobs arrive."""
+    after = decode_cursor(cursor) if cursor else None
+    with state.sessions() as session:
+        page = store.list_jobs_page(
+            session,
+            tenant=key.tenant,
+            state=job_state,
+            task=task,
+            tag=tag,
+            limit=limit + 1,
+            before=after,
+        )
+    more = len(page) > limit
+    page = page[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
+    return JobPage(items=[JobOut.of(job) for job in page], next_cursor=next_cursor)
+
+
+def encode_cursor(created_at: dt.datetime, job_id: uuid.UUID) -> str:
+    """An opaque cursor naming the last job of a page."""
+    raw = json.dumps([created_at.isoformat(), str(job_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """The position a cursor names; 422 for anything this API did not hand out."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
+        at = dt.datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("naive time")
+        return at, uuid.UUID(job_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise Problem(
+            422,
+            "the cursor is not one this API handed out",
+            slug="invalid-cursor",
+            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
+        ) from None
 
 
 def _owned(state: State, job_id: uuid.UUID, tenant: str) -> Job:
