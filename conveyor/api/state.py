@@ -50,6 +50,7 @@ class ApiState:
     sessions: sessionmaker[Session]
     publisher: Publisher
     broker_check: Callable[[], None]
+    queue_depths: Callable[[], dict[str, int]] | None = None
     key_cache: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
 

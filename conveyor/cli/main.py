@@ -90,10 +90,18 @@ def build_parser() -> Parser:
     create.add_argument(
         "--scopes", type=_scopes, help="comma-separated scopes (default: every scope)"
     )
+    key_list = keys_commands.add_parser("list", help="list keys (never the keys themselves)")
+    key_list.add_argument("--tenant", help="only this tenant's keys")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id")
 
     submit = commands.add_parser("submit", help="submit a job")
     submit.add_argument("task")
-    submit.add_argument("--payload", default="{}", help="the payload as JSON")
+    given = submit.add_mutually_exclusive_group()
+    given.add_argument("--payload", default="{}", help="the payload as JSON")
+    given.add_argument(
+        "--file", help="submit one job per line of this file (JSON payloads; - for stdin)"
+    )
     submit.add_argument("--priority", choices=POOLS)
     submit.add_argument("--tenant", default="default")
     submit.add_argument("--wait", action="store_true", help="wait until it finishes")
@@ -150,7 +158,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             case "migrate":
                 services.migrate(settings)
             case "keys":
-                commands.keys_create(settings, args.tenant, args.scopes or list(SCOPES))
+                match args.keys_command:
+                    case "create":
+                        commands.keys_create(settings, args.tenant, args.scopes or list(SCOPES))
+                    case "list":
+                        commands.keys_list(settings, args.tenant)
+                    case "revoke":
+                        commands.keys_revoke(settings, args.id)
+            case "submit" if args.file:
+                commands.submit_file(
+                    settings,
+                    task=args.task,
+                    path=args.file,
+                    priority=args.priority,
+                    tenant=args.tenant,
+                )
             case "submit":
                 sys.exit(
                     commands.submit(

@@ -15,6 +15,7 @@ from conveyor.config import Settings
 from conveyor.jobs import migrate
 from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.worker.app import create_celery
+from conveyor.worker.broker import queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
 
@@ -58,6 +59,7 @@ class Platform:
             sessions=self.sessions,
             publisher=self.publisher,
             broker_check=self.broker_check,
+            queue_depths=lambda: queue_depths(self.celery),
         )
 
 

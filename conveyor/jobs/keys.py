@@ -80,3 +80,16 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> bool:
         .returning(api_keys.c.id)
     )
     return result.first() is not None
+
+
+def list_keys(session: Session, *, tenant: str | None = None) -> list[ApiKey]:
+    """Stored keys, oldest first: who they speak for and what they may do."""
+    statement = select(api_keys).order_by(api_keys.c.created_at)
+    if tenant is not None:
+        statement = statement.where(api_keys.c.tenant == tenant)
+    return [
+        ApiKey(
+            r["id"], r["tenant"], r["prefix"], frozenset(r["scopes"]), r["revoked_at"] is not None
+        )
+        for r in session.execute(statement).mappings()
+    ]

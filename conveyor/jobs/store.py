@@ -783,3 +783,43 @@ def list_jobs_page(
         )
     statement = statement.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
     return [Job.from_row(r) for r in session.execute(statement).mappings()]
+
+
+def counts_by_queue(session: Session, *, tenant: str | None = None) -> dict[str, dict[str, int]]:
+    """Unfinished jobs per queue and state."""
+    statement = (
+        select(jobs.c.queue, jobs.c.state, func.count())
+        .where(jobs.c.state.notin_([s.value for s in TERMINAL_STATES]))
+        .group_by(jobs.c.queue, jobs.c.state)
+    )
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    counts: dict[str, dict[str, int]] = {}
+    for queue, state, count in session.execute(statement).all():
+        counts.setdefault(queue, {})[state] = int(count)
+    return counts
+
+
+def finished_samples(
+    session: Session, *, tenant: str | None, since: dt.datetime, limit: int = 200_000
+) -> list[tuple[str, str, float | None, float | None]]:
+    """(task, state, run seconds, queue-wait seconds) of jobs created since `since`."""
+    statement = (
+        select(
+            jobs.c.task, jobs.c.state, jobs.c.scheduled_at, jobs.c.started_at, jobs.c.finished_at
+        )
+        .where(jobs.c.created_at >= since)
+        .limit(limit)
+    )
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
+    samples = []
+    for task, state, scheduled_at, started_at, finished_at in session.execute(statement).all():
+        run = None
+        wait = None
+        if started_at is not None and finished_at is not None and state == "succeeded":
+            run = (finished_at - started_at).total_seconds()
+        if started_at is not None and scheduled_at is not None:
+            wait = max(0.0, (started_at - scheduled_at).total_seconds())
+        samples.append((task, state, run, wait))
+    return samples

@@ -188,3 +188,36 @@ def test_per_job_time_limit_ends_the_attempt_as_a_failure(
     assert done["finished_at"] is not None
     history = [e for e, _, _ in _events(pg_engine, job["id"])]
     assert history == ["created", "claimed", "dead"]
+
+
+def test_transactional_enqueue_publishes_only_after_commit(
+    platform_client: tuple[TestClient, str], pg_engine: Engine, pg_url: str, redis_url: str
+) -> None:
+    from conveyor.enqueue import enqueue
+
+    publisher = build_platform(Settings(database_url=pg_url, broker_url=redis_url)).publisher
+    sessions = make_session_factory(pg_engine)
+    with sessions() as session:
+        session.begin()
+        rolled_back = enqueue(session, "demo.echo", {"kept": False}, publisher=publisher)
+        session.rollback()
+    with sessions() as session, session.begin():
+        committed = enqueue(session, "demo.echo", {"kept": True}, publisher=publisher)
+    done = wait_until(
+        lambda: states(pg_engine).get("succeeded") == 1,
+        timeout=30,
+        what="the committed job to run",
+    )
+    assert done
+    with pg_engine.connect() as conn:
+        rows = conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.result)).all()
+        claims = conn.execute(
+            select(func.count()).where(
+                job_events.c.job_id == committed.id, job_events.c.event == "claimed"
+            )
+        ).scalar_one()
+    assert [(r.id, r.state, r.result) for r in rows] == [
+        (committed.id, "succeeded", {"kept": True})
+    ]
+    assert rolled_back.id not in {r.id for r in rows}
+    assert claims == 1

@@ -1,0 +1,162 @@
+"""/v1/queues and /v1/stats: what operators watch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from conveyor.api.deps import Reader, State
+from conveyor.api.problems import Problem
+from conveyor.api.routes.jobs import PROBLEMS
+from conveyor.config import POOLS
+from conveyor.jobs import store
+from conveyor.jobs.states import JobState
+
+router = APIRouter(prefix="/v1", tags=["operations"])
+
+WINDOW = re.compile(r"^(\d{1,7})([smhd]?)$")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW = 30 * 86400
+
+
+class QueueOut(BaseModel):
+    """One pool's queue: messages waiting in the broker and the tenant's jobs by state."""
+
+    name: str
+    depth: int | None
+    queued: int
+    running: int
+    scheduled: int
+    retrying: int
+
+
+class QueuesOut(BaseModel):
+    """Every pool's queue."""
+
+    items: list[QueueOut]
+
+
+class Percentiles(BaseModel):
+    """p50, p95 and p99 in seconds; null without samples."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class TaskStats(BaseModel):
+    """One task type over the window."""
+
+    task: str
+    counts: dict[str, int]
+    run_seconds: Percentiles
+    queue_wait_seconds: Percentiles
+
+
+class StatsOut(BaseModel):
+    """Per task type: counts by state and percentiles of run time and queue wait."""
+
+    window_seconds: int
+    since: dt.datetime
+    items: list[TaskStats]
+
+
+@router.get("/queues", response_model=QueuesOut, responses=PROBLEMS)
+def list_queues(key: Reader, state: State) -> QueuesOut:
+    """Depth per queue in the broker, and the tenant's unfinished jobs per queue and state."""
+    try:
+        depths: dict[str, int] | None = state.queue_depths() if state.queue_depths else None
+    except Exception:
+        depths = None
+    with state.sessions() as session:
+        counts = store.counts_by_queue(session, tenant=key.tenant)
+    return QueuesOut(
+        items=[
+            QueueOut(
+                name=name,
+                depth=None if depths is None else depths.get(name, 0),
+                **{
+                    s: counts.get(name, {}).get(s, 0)
+                    for s in (
+                        JobState.QUEUED,
+                        JobState.RUNNING,
+                        JobState.SCHEDULED,
+                        JobState.RETRYING,
+                    )
+                },
+            )
+            for name in POOLS
+        ]
+    )
+
+
+def parse_window(text: str) -> int:
+    """Seconds in a window such as `900`, `15m`, `1h` or `7d` (at most 30 days)."""
+    match = WINDOW.match(text.strip())
+    if match is None:
+        raise Problem(
+            422,
+            "window must be a number of seconds or like 15m, 1h, 7d",
+            slug="invalid-window",
+            errors=[{"loc": ["query", "window"], "msg": "invalid window"}],
+        )
+    seconds = int(match.group(1)) * UNITS[match.group(2)]
+    if not 1 <= seconds <= MAX_WINDOW:
+        raise Problem(
+            422,
+            "window must be between 1 second and 30 days",
+            slug="invalid-window",
+            errors=[{"loc": ["query", "window"], "msg": "out of range"}],
+        )
+    return seconds
+
+
+def percentiles(values: list[float]) -> Percentiles:
+    """Nearest-rank percentiles of `values`."""
+    if not values:
+        return Percentiles(p50=None, p95=None, p99=None)
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        index = max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 1)) - 1))
+        return round(ordered[index], 6)
+
+    return Percentiles(p50=rank(0.50), p95=rank(0.95), p99=rank(0.99))
+
+
+@router.get("/stats", response_model=StatsOut, responses=PROBLEMS)
+def stats(
+    key: Reader,
+    state: State,
+    window: Annotated[str, Query(max_length=12)] = "1h",
+) -> StatsOut:
+    """Per task type over the window: counts by state, p50/p95/p99 of run time and queue wait."""
+    seconds = parse_window(window)
+    since = store.utcnow() - dt.timedelta(seconds=seconds)
+    with state.sessions() as session:
+        samples = store.finished_samples(session, tenant=key.tenant, since=since)
+    by_task: dict[str, tuple[dict[str, int], list[float], list[float]]] = {}
+    for task, job_state, run, wait in samples:
+        counts, runs, waits = by_task.setdefault(task, ({}, [], []))
+        counts[job_state] = counts.get(job_state, 0) + 1
+        if run is not None:
+            runs.append(run)
+        if wait is not None:
+            waits.append(wait)
+    return StatsOut(
+        window_seconds=seconds,
+        since=since,
+        items=[
+            TaskStats(
+                task=task,
+                counts=counts,
+                run_seconds=percentiles(runs),
+                queue_wait_seconds=percentiles(waits),
+            )
+            for task, (counts, runs, waits) in sorted(by_task.items())
+        ],
+    )
