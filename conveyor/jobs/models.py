@@ -28,6 +28,8 @@ class NewJob:
     request_hash: str | None = None
     run_at: dt.datetime | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+    schedule_id: uuid.UUID | None = None
+    schedule_tick: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

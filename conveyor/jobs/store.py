@@ -90,6 +90,8 @@ def _new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
         "scheduled_at": new.run_at or now,
         "run_after": new.run_at if waiting else None,
         "updated_at": now,
+        "schedule_id": new.schedule_id,
+        "schedule_tick": new.schedule_tick,
     }
 
 

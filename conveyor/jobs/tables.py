@@ -102,6 +102,9 @@ jobs = Table(
     Column("started_at", UTCDateTime(), nullable=True),
     Column("finished_at", UTCDateTime(), nullable=True),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # Set on jobs a schedule created: one job per (schedule, tick), whoever fires it.
+    Column("schedule_id", Uuid(), nullable=True),
+    Column("schedule_tick", UTCDateTime(), nullable=True),
     CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
     CheckConstraint(_in("priority", {p.value for p in Priority}), name="priority_known"),
     CheckConstraint(
@@ -116,8 +119,11 @@ jobs = Table(
         name="waiting_has_due_time",
     ),
     UniqueConstraint("tenant", "idempotency_key"),
+    UniqueConstraint("schedule_id", "schedule_tick"),
     Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
     Index("ix_jobs_state_run_after", "state", "run_after"),
+    # Aggregation and retention read finished jobs by time; both stay off full scans.
+    Index("ix_jobs_finished_at", "finished_at"),
 )
 
 job_events = Table(
@@ -145,4 +151,65 @@ api_keys = Table(
     Column("scopes", JSONType, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("task", String(200), nullable=False),
+    Column("payload", JSONType, nullable=False),
+    Column("cron", String(200), nullable=True),
+    Column("interval_seconds", Float, nullable=True),
+    Column("timezone", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("priority", String(8), nullable=True),
+    Column("misfire", String(16), nullable=False),
+    Column("next_run_at", UTCDateTime(), nullable=True),
+    Column("last_run_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    CheckConstraint("(cron IS NULL) <> (interval_seconds IS NULL)", name="cron_or_interval"),
+    CheckConstraint("interval_seconds IS NULL OR interval_seconds > 0", name="interval_positive"),
+    CheckConstraint("misfire IN ('run_once', 'skip')", name="misfire_known"),
+    UniqueConstraint("tenant", "name"),
+    Index("ix_schedules_due", "enabled", "next_run_at"),
+)
+
+# Named leases: the beat leader holds "beat" and renews it; others wait to take it over.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# Watermarks of incremental work, such as how far aggregation has got.
+marks = Table(
+    "marks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("at", UTCDateTime(), nullable=False),
+)
+
+# Per tenant, task type and minute of finishing: counts, percentiles and histograms.
+job_rollups = Table(
+    "job_rollups",
+    metadata,
+    Column("tenant", String(100), primary_key=True),
+    Column("task", String(200), primary_key=True),
+    Column("minute", UTCDateTime(), primary_key=True),
+    Column("counts", JSONType, nullable=False),
+    Column("run_p50", Float, nullable=True),
+    Column("run_p95", Float, nullable=True),
+    Column("run_p99", Float, nullable=True),
+    Column("wait_p50", Float, nullable=True),
+    Column("wait_p95", Float, nullable=True),
+    Column("wait_p99", Float, nullable=True),
+    Column("run_histogram", JSONType, nullable=False),
+    Column("wait_histogram", JSONType, nullable=False),
+    Index("ix_job_rollups_minute", "minute"),
 )
