@@ -27,7 +27,9 @@ def pg_url() -> Iterator[str]:
 
 def _truncate(engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_events, jobs, api_keys"))
+        conn.execute(
+            text("TRUNCATE job_events, jobs, api_keys, schedules, leases, marks, job_rollups")
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,7 +7,14 @@ from fastapi import FastAPI
 from conveyor import __version__
 from conveyor.api import problems
 from conveyor.api.limits import BodySizeLimit
-from conveyor.api.routes import dead_letters, health, jobs, operations, task_types
+from conveyor.api.routes import (
+    dead_letters,
+    health,
+    jobs,
+    operations,
+    schedules,
+    task_types,
+)
 from conveyor.api.state import ApiState
 
 
@@ -24,6 +31,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.include_router(task_types.router)
     app.include_router(dead_letters.router)
     app.include_router(operations.router)
+    app.include_router(schedules.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     return app

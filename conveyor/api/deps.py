@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from conveyor.api.problems import Problem
 from conveyor.api.ratelimit import retry_after
@@ -23,14 +24,18 @@ State = Annotated[ApiState, Depends(get_state)]
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
 
+# Declares the scheme in the OpenAPI document; a missing key is answered below, as a problem.
+BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
-def get_key(request: Request, state: State) -> ApiKey:
+
+def get_key(
+    state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> ApiKey:
     """The caller's API key from `Authorization: Bearer …`; 401 when missing or unknown."""
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = credentials.credentials.strip() if credentials is not None else ""
+    if not presented:
         raise Problem(401, "an API key is required: Authorization: Bearer <key>", headers=CHALLENGE)
-    key = state.key_cache.lookup(state.sessions, presented.strip())
+    key = state.key_cache.lookup(state.sessions, presented)
     if key is None:
         raise Problem(401, "the API key is unknown or revoked", headers=CHALLENGE)
     assert state.limiter is not None

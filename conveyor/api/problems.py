@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -71,6 +72,19 @@ def validation_errors(raw: Any, prefix: tuple[str | int, ...] = ()) -> list[dict
     ]
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method served at the request's path, not only by the first route matching it."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if (
+            isinstance(route, Route)
+            and route.methods
+            and route.matches(request.scope)[0] is not Match.NONE
+        ):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     """Route every error the app can raise through problem+json."""
 
@@ -78,12 +92,13 @@ def install(app: FastAPI) -> None:
         assert isinstance(error, Problem)
         return problem_response(error)
 
-    async def on_http(_request: Request, error: Exception) -> JSONResponse:
+    async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         detail = error.detail if isinstance(error.detail, str) else TITLES.get(error.status_code)
-        return problem_response(
-            Problem(error.status_code, str(detail), headers=dict(error.headers or {}))
-        )
+        headers = dict(error.headers or {})
+        if error.status_code == 405 and (allowed := allowed_methods(request)):
+            headers["Allow"] = allowed
+        return problem_response(Problem(error.status_code, str(detail), headers=headers))
 
     async def on_validation(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(default=4, ge=1, le=1000)
     worker_pool_class: Literal["prefork", "threads", "solo"] = "prefork"
 
+    # Beat: one leader at a time holds a lease; a standby takes over when it lapses.
+    beat_lease_seconds: float = Field(default=8.0, ge=2)
+    # Ticks later than this were missed while no beat ran: the misfire policy decides.
+    misfire_grace_seconds: float = Field(default=30.0, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("database_url")

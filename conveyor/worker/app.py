@@ -57,8 +57,8 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             },
         },
     }
-    # Beat keeps no file: what it schedules is derived from settings and the store.
-    app.conf.beat_scheduler = "celery.beat:Scheduler"
+    # Beat keeps no file: one leader, chosen through the store, schedules everything.
+    app.conf.beat_scheduler = "conveyor.beat.scheduler:ConveyorScheduler"
     handle = store_handle or StoreHandle(settings.database_url)
     # RabbitMQ quorum queues hold no delayed messages: every wait stays in the store.
     publisher = CeleryPublisher(app, max_countdown=0.0 if is_amqp(settings.broker_url) else 30.0)
@@ -87,6 +87,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         # A prefork child can be stopped by ending it; its pool starts another.
         leases.kill_process = True
 
+    app.conveyor_settings = settings
     app.conveyor_store = handle
     app.conveyor_publisher = publisher
     app.conveyor_executor = executor

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from conveyor.api.deps import Admin, Reader, State, Submitter
+from conveyor.api.paths import JOB_ID
 from conveyor.api.problems import Problem
 from conveyor.api.routes.jobs import PROBLEMS
 from conveyor.api.schemas import JobOut
@@ -101,7 +102,7 @@ def replay_dead_letters(body: ReplayIn, key: Submitter, state: State) -> ReplayO
     return ReplayOut(replayed=len(replayed))
 
 
-@router.delete("/{job_id}", status_code=204, responses=PROBLEMS)
+@router.delete(JOB_ID, status_code=204, responses=PROBLEMS)
 def delete_dead_letter(job_id: uuid.UUID, key: Admin, state: State) -> Response:
     """Remove a dead job and its history for good."""
     with state.sessions.begin() as session:

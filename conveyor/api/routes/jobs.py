@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from conveyor.api.deps import Reader, State, Submitter
+from conveyor.api.paths import JOB_ID
 from conveyor.api.problems import Problem, validation_errors
 from conveyor.api.schemas import (
     BatchIn,
@@ -215,7 +216,7 @@ def _owned(state: State, job_id: uuid.UUID, tenant: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=PROBLEMS)
+@router.get(JOB_ID, response_model=JobOut, responses=PROBLEMS)
 def get_job(job_id: uuid.UUID, key: Reader, state: State) -> JobOut:
     """One job of the caller's tenant."""
     return JobOut.of(_owned(state, job_id, key.tenant))
