@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 from collections.abc import Iterator
 
@@ -176,5 +177,5 @@ def test_ticks_within_the_grace_all_fire_once_even_from_two_beats(
     ticks = scheduled_ticks(pg_engine)
     assert sum(results) == 3
     assert len(ticks) == 3 == len(set(ticks))
-    gaps = {(b - a).total_seconds() for a, b in zip(ticks, ticks[1:], strict=False)}
+    gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(ticks)}
     assert gaps == {5.0}
