@@ -224,3 +224,60 @@ def dlq_replay(settings: Settings, ids: list[str], task: str | None) -> None:
                 replayed.append(job)
     outbox.publish_recorded(platform.sessions, platform.publisher, replayed)
     print(f"replayed {len(replayed)} jobs")
+
+
+def schedules_command(settings: Settings, args: Any) -> None:
+    """`conveyor schedules list | add | pause | resume | remove`."""
+    from conveyor.jobs import schedules
+
+    sessions = sessions_for(settings)
+    action = args.schedules_command
+    if action == "list":
+        with sessions() as session:
+            found = schedules.list_schedules(session, args.tenant)
+        for item in found:
+            timing = item.cron or f"every {item.interval_seconds:g}s"
+            status = "enabled" if item.enabled else "paused"
+            next_run = item.next_run_at.isoformat() if item.next_run_at else "-"
+            print(f"{item.name:<24} {item.task:<20} {timing:<20} {status:<8} next {next_run}")
+        return
+    if action == "add":
+        try:
+            payload = json.loads(args.payload)
+            registry.get(args.task).validate(payload)
+        except json.JSONDecodeError as error:
+            raise CommandError(f"--payload is not valid JSON: {error.msg}") from None
+        except UnknownTask:
+            raise CommandError(f"unknown task {args.task!r}") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise CommandError(f"invalid payload: {first['msg']}") from None
+        try:
+            with sessions.begin() as session:
+                if schedules.get_schedule(session, args.tenant, args.name) is not None:
+                    raise CommandError(f"a schedule named {args.name!r} exists")
+                created = schedules.create_schedule(
+                    session,
+                    tenant=args.tenant,
+                    name=args.name,
+                    task=args.task,
+                    payload=payload,
+                    cron=args.cron,
+                    interval_seconds=args.every,
+                    timezone=args.timezone,
+                    priority=args.priority,
+                    misfire=args.misfire,
+                )
+        except schedules.ScheduleError as error:
+            raise CommandError(str(error)) from None
+        print(f"added {created.name}; next run {created.next_run_at}")
+        return
+    with sessions.begin() as session:
+        found_one = schedules.get_schedule(session, args.tenant, args.name)
+        if found_one is None:
+            raise CommandError(f"no schedule {args.name!r} for tenant {args.tenant!r}")
+        if action == "remove":
+            schedules.delete_schedule(session, args.tenant, args.name)
+        else:
+            schedules.update_schedule(session, found_one, {"enabled": action == "resume"})
+    print(f"{args.name}: {action}d" if action != "remove" else f"{args.name}: removed")

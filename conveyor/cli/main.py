@@ -120,6 +120,30 @@ def build_parser() -> Parser:
     listing.add_argument("--state", choices=[s.value for s in JobState])
     listing.add_argument("--limit", type=_positive, default=50)
 
+    sched = commands.add_parser("schedules", help="users' cron and interval schedules")
+    sched_commands = sched.add_subparsers(dest="schedules_command", required=True, metavar="ACTION")
+    sched_list = sched_commands.add_parser("list", help="list a tenant's schedules")
+    sched_list.add_argument("--tenant", default="default")
+    add = sched_commands.add_parser("add", help="add a schedule")
+    add.add_argument("name")
+    add.add_argument("task")
+    timing = add.add_mutually_exclusive_group(required=True)
+    timing.add_argument("--cron", help="five-field cron expression")
+    timing.add_argument("--every", type=float, metavar="SECONDS", help="interval in seconds")
+    add.add_argument("--payload", default="{}", help="the payload as JSON")
+    add.add_argument("--timezone", default="UTC")
+    add.add_argument("--priority", choices=POOLS)
+    add.add_argument("--misfire", choices=("run_once", "skip"), default="run_once")
+    add.add_argument("--tenant", default="default")
+    for action, text in (
+        ("pause", "stop firing"),
+        ("resume", "fire again"),
+        ("remove", "delete the schedule"),
+    ):
+        sub = sched_commands.add_parser(action, help=text)
+        sub.add_argument("name")
+        sub.add_argument("--tenant", default="default")
+
     dlq = commands.add_parser("dlq", help="the dead-letter queue")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="list dead jobs")
@@ -195,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         commands.jobs_cancel(settings, args.id)
                     case "retry":
                         commands.jobs_retry(settings, args.id)
+            case "schedules":
+                commands.schedules_command(settings, args)
             case "dlq":
                 if args.dlq_command == "list":
                     commands.dlq_list(settings, args.limit)
