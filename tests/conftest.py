@@ -28,7 +28,10 @@ def pg_url() -> Iterator[str]:
 def _truncate(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE job_events, jobs, api_keys, schedules, leases, marks, job_rollups")
+            text(
+                "TRUNCATE job_events, jobs, api_keys, schedules, leases, marks, job_rollups,"
+                " rate_limits"
+            )
         )
 
 

@@ -12,6 +12,7 @@ from conveyor.config.settings import (
     POOLS,
     Settings,
     SettingsError,
+    TaskLimits,
     get_settings,
     load_settings,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "RUN_TASK",
     "Settings",
     "SettingsError",
+    "TaskLimits",
     "celery_config",
     "dead_letter_queue",
     "get_settings",

@@ -5,12 +5,32 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "memory://"
 POOLS = ("high", "default", "low")
 Pool = Literal["high", "default", "low"]
+
+
+class TaskLimits(BaseModel):
+    """Flow control for one task type.
+
+    `key` names what per-key limits count by: `payload.<field>` or `tag:<prefix>` (the
+    first tag starting with the prefix).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    rate: float | None = Field(None, gt=0, description="starts per second, all workers")
+    key: str | None = Field(None, pattern=r"^(payload\.[A-Za-z0-9_]+|tag:.+)$")
+    key_rate: float | None = Field(None, gt=0, description="starts per second per key")
+    concurrency: int | None = Field(None, ge=1, description="running at once per key")
+
+    @model_validator(mode="after")
+    def _key_when_needed(self) -> TaskLimits:
+        if (self.key_rate or self.concurrency) and self.key is None:
+            raise ValueError("key_rate and concurrency need a key")
+        return self
 
 
 class SettingsError(Exception):
@@ -56,6 +76,15 @@ class Settings(BaseSettings):
     relay_interval_seconds: float = Field(default=1.0, gt=0)
     relay_grace_seconds: float = Field(default=10.0, ge=0)
 
+    # Stats rollups and retention (the conveyor.aggregate and conveyor.cleanup tasks).
+    aggregate_interval_seconds: float = Field(default=15.0, gt=0)
+    cleanup_interval_seconds: float = Field(default=300.0, gt=0)
+    # Idempotency keys live on job rows and go with them: at least a day is kept, so a
+    # client retrying a request within 24 hours gets the same job back.
+    retention_finished_days: float = Field(default=7, ge=1)
+    retention_dead_days: float = Field(default=30, ge=1)
+    retention_rollup_days: float = Field(default=90, ge=1)
+
     # Worker pools: concurrency and prefetch of each.
     high_concurrency: int = Field(default=2, ge=1, le=512)
     default_concurrency: int = Field(default=2, ge=1, le=512)
@@ -67,6 +96,12 @@ class Settings(BaseSettings):
     beat_lease_seconds: float = Field(default=8.0, ge=2)
     # Ticks later than this were missed while no beat ran: the misfire policy decides.
     misfire_grace_seconds: float = Field(default=30.0, ge=1)
+
+    # Flow control per task type, as JSON: {"task": {"rate": 20, "key": "payload.customer",
+    # "key_rate": 5, "concurrency": 1}}. Rate limits live in Redis (this URL, else a Redis
+    # broker's) or, with neither, in the job store.
+    limits: dict[str, TaskLimits] = Field(default_factory=dict)
+    limiter_url: str | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -75,11 +75,13 @@ class Job:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     updated_at: dt.datetime
+    limit_key: str | None = None
+    slot_at: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Job:
         """Build from a row of the jobs table."""
-        values = {f.name: row[f.name] for f in fields(cls)}
+        values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
         values["state"] = JobState(values["state"])
         return cls(**values)
 

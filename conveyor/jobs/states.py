@@ -8,7 +8,8 @@ from enum import StrEnum
 class JobState(StrEnum):
     """Every state a job can be in; mirrored by a CHECK constraint on `jobs.state`."""
 
-    # In: store.create_job with a future run time. Out: store.promote when due, store.cancel.
+    # In: store.create_job with a future run time, store.defer (over a flow-control limit).
+    # Out: store.promote when due, store.cancel.
     SCHEDULED = "scheduled"
     # In: store.create_job, store.promote, store.requeue, store.release. Out: store.claim, cancel.
     QUEUED = "queued"
@@ -37,7 +38,9 @@ REQUEUEABLE_STATES = frozenset({JobState.DEAD, JobState.CANCELLED})
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.SCHEDULED, JobState.QUEUED}),
     JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.DEAD}),
+    JobState.QUEUED: frozenset(
+        {JobState.RUNNING, JobState.CANCELLED, JobState.DEAD, JobState.SCHEDULED}
+    ),
     JobState.RUNNING: frozenset(
         {
             JobState.SUCCEEDED,

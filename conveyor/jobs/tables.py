@@ -105,6 +105,9 @@ jobs = Table(
     # Set on jobs a schedule created: one job per (schedule, tick), whoever fires it.
     Column("schedule_id", Uuid(), nullable=True),
     Column("schedule_tick", UTCDateTime(), nullable=True),
+    # Flow control: the key a task type's limits count by, and a reserved start slot.
+    Column("limit_key", String(200), nullable=True),
+    Column("slot_at", UTCDateTime(), nullable=True),
     CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
     CheckConstraint(_in("priority", {p.value for p in Priority}), name="priority_known"),
     CheckConstraint(
@@ -124,6 +127,7 @@ jobs = Table(
     Index("ix_jobs_state_run_after", "state", "run_after"),
     # Aggregation and retention read finished jobs by time; both stay off full scans.
     Index("ix_jobs_finished_at", "finished_at"),
+    Index("ix_jobs_task_limit_key_state", "task", "limit_key", "state"),
 )
 
 job_events = Table(
@@ -212,4 +216,13 @@ job_rollups = Table(
     Column("run_histogram", JSONType, nullable=False),
     Column("wait_histogram", JSONType, nullable=False),
     Index("ix_job_rollups_minute", "minute"),
+)
+
+# The theoretical arrival time of each rate limit (GCRA) kept in the store, used when
+# the broker is not Redis.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    Column("tat", UTCDateTime(), nullable=False),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import random
 import threading
 import traceback
 import uuid
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.config import TaskLimits
 from conveyor.jobs import store
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
@@ -23,8 +25,12 @@ from conveyor.jobs.tables import jobs as jobs_table
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
+from conveyor.worker.limiter import Limiter, limit_key
 
 log = logging.getLogger(__name__)
+
+# A reserved slot this close is taken as now: deferring for less is not worth a round trip.
+SLOT_SLACK = dt.timedelta(milliseconds=20)
 
 
 @dataclass
@@ -98,6 +104,8 @@ class Executor:
         lease_seconds: float,
         reschedule: Reschedule,
         leases: LeaseKeeper,
+        limits: dict[str, TaskLimits] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -105,6 +113,8 @@ class Executor:
         self._lease_seconds = lease_seconds
         self._reschedule = reschedule
         self.leases = leases
+        self._limits = limits or {}
+        self._limiter = limiter
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
@@ -137,29 +147,42 @@ class Executor:
     def _claim(
         self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str
     ) -> Job | Outcome:
+        deferred: list[Job] = []
+        try:
+            return self._claim_in(sessions, job_id, worker, deferred)
+        finally:
+            # Published only once the deferral has committed.
+            for job in deferred:
+                self._reschedule(job)
+
+    def _claim_in(
+        self,
+        sessions: sessionmaker[Session],
+        job_id: uuid.UUID,
+        worker: str,
+        deferred: list[Job],
+    ) -> Job | Outcome:
         with sessions.begin() as session:
-            job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)
-            if job is not None:
-                return job
+            taken = self._take(session, job_id, worker, deferred)
+            if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
+                return taken
             current = store.get_job(session, job_id)
-            if current is None:
-                return Outcome(job_id, "dropped", None)
+            assert current is not None
             expired = (
                 current.state == JobState.RUNNING
                 and current.lease_expires_at is not None
                 and current.lease_expires_at < store.utcnow()
             )
-            if expired and (rescued := store.rescue(session, job_id)) is not None:
-                # Its last worker is gone; this delivery takes over at once.
-                current = rescued
-                job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)
-                if job is not None:
-                    return job
             waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
-            if waiting and store.promote(session, job_id) is not None:
-                job = store.claim(session, job_id, worker=worker, lease_seconds=self._lease_seconds)
-                if job is not None:
-                    return job
+            if (expired and store.rescue(session, job_id) is not None) or (
+                waiting and store.promote(session, job_id) is not None
+            ):
+                # Its last worker is gone, or its time has come: this delivery takes it.
+                taken = self._take(session, job_id, worker, deferred)
+                if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
+                    return taken
+                current = store.get_job(session, job_id)
+                assert current is not None
             if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:
                 # A message that keeps killing its worker ends here, counted in the store.
                 return self._exhausted(session, current, worker)
@@ -167,6 +190,53 @@ class Executor:
                 session, current, worker=worker, reason=f"job is {current.state.value}"
             )
             return Outcome(job_id, "dropped", current.state)
+
+    def _take(
+        self, session: Session, job_id: uuid.UUID, worker: str, deferred: list[Job]
+    ) -> Job | Outcome:
+        """Claim a queued job through its limits: the running job, a deferral, or the row."""
+        limit_key = None
+        if self._limits:
+            gate = self._gate(session, job_id)
+            if isinstance(gate, Job):
+                # Over a limit: the job waits for its slot and is published when due.
+                deferred.append(gate)
+                return Outcome(job_id, "deferred", JobState.SCHEDULED)
+            limit_key = gate
+        job = store.claim(
+            session, job_id, worker=worker, lease_seconds=self._lease_seconds, limit_key=limit_key
+        )
+        if job is not None:
+            return job
+        current = store.get_job(session, job_id)
+        return Outcome(job_id, "dropped", None) if current is None else current
+
+    def _gate(self, session: Session, job_id: uuid.UUID) -> Job | str | None:
+        """Apply the job's flow-control limits: its limit key, or the job deferred."""
+        current = store.get_job(session, job_id)
+        if current is None or current.state != JobState.QUEUED:
+            return None
+        spec = self._limits.get(current.task)
+        if spec is None:
+            return None
+        key = limit_key(spec, current.payload, current.tags)
+        now = store.utcnow()
+        if spec.concurrency and key is not None:
+            store.lock_limit_key(session, f"{current.task}|{key}")
+            if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
+                wait = dt.timedelta(seconds=random.uniform(0.3, 0.8))
+                return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
+        reserved = current.slot_at is not None and current.slot_at <= now + SLOT_SLACK
+        if not reserved and self._limiter is not None and (spec.rate or spec.key_rate):
+            start = now
+            if spec.rate:
+                start = max(start, self._limiter.reserve(session, current.task, 1 / spec.rate))
+            if spec.key_rate and key is not None:
+                slot = self._limiter.reserve(session, f"{current.task}|{key}", 1 / spec.key_rate)
+                start = max(start, slot)
+            if start > now + SLOT_SLACK:
+                return store.defer(session, job_id, run_after=start, slot_at=start, reason="rate")
+        return key
 
     @staticmethod
     def _exhausted(session: Session, job: Job, worker: str) -> Outcome:

@@ -68,6 +68,7 @@ def test_every_edge_of_the_contract() -> None:
         (S.QUEUED, S.RUNNING),  # claim
         (S.QUEUED, S.CANCELLED),
         (S.QUEUED, S.DEAD),  # exhaust
+        (S.QUEUED, S.SCHEDULED),  # defer: over a flow-control limit
         (S.RUNNING, S.SUCCEEDED),
         (S.RUNNING, S.RETRYING),
         (S.RUNNING, S.DEAD),
@@ -86,8 +87,9 @@ def test_no_state_moves_to_itself() -> None:
 
 
 def test_nothing_returns_to_the_start_states_but_through_the_table() -> None:
-    # Only the start reaches scheduled; running is reached only by a claim.
-    assert {a for a, targets in TRANSITIONS.items() if S.SCHEDULED in targets} == {None}
+    # The start reaches scheduled, and so does a queued job deferred by flow control;
+    # running is reached only by a claim.
+    assert {a for a, targets in TRANSITIONS.items() if S.SCHEDULED in targets} == {None, S.QUEUED}
     assert {a for a, targets in TRANSITIONS.items() if S.RUNNING in targets} == {S.QUEUED}
     assert {a for a, targets in TRANSITIONS.items() if S.SUCCEEDED in targets} == {S.RUNNING}
     assert {a for a, targets in TRANSITIONS.items() if S.RETRYING in targets} == {S.RUNNING}

@@ -1,0 +1,99 @@
+"""Flow control at delivery: global and per-key rate limits, per-key concurrency limits.
+
+Rate limits are GCRA reservations: each start reserves the next free slot of its limit,
+so starts are spaced exactly 1/rate apart across every worker and machine. A job whose
+slot lies ahead is deferred to it (`scheduled`), keeping the slot; it neither fails nor
+uses an attempt. Slots live in Redis (one atomic script) or, without Redis, in a row of
+the job store updated under a row lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any, Protocol
+
+import redis
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from conveyor.config import Settings, TaskLimits
+from conveyor.jobs.tables import rate_limits
+
+RESERVE = """
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+if tat < now then tat = now end
+local ttl = math.ceil((tat + interval - now) * 1000) + 60000
+redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
+return tostring(tat)
+"""
+
+
+class Limiter(Protocol):
+    """Reserves the next start slot of a named rate limit."""
+
+    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
+        """The time this start may happen at; later starts get later slots."""
+        ...
+
+
+class RedisLimiter:
+    """GCRA slots in Redis, reserved by one Lua script call."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=2)
+        self._script = self._client.register_script(RESERVE)
+
+    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
+        """Reserve in Redis; the session is not used."""
+        start = float(self._script(keys=[f"conveyor:rate:{name}"], args=[time.time(), interval]))
+        return dt.datetime.fromtimestamp(start, dt.UTC)
+
+
+class StoreLimiter:
+    """GCRA slots in the job store, under a row lock held until the claim commits."""
+
+    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
+        """Reserve in the caller's transaction."""
+        now = dt.datetime.now(dt.UTC)
+        step = dt.timedelta(seconds=interval)
+        for _ in range(3):
+            row = session.execute(
+                select(rate_limits.c.tat).where(rate_limits.c.name == name).with_for_update()
+            ).first()
+            if row is not None:
+                start: dt.datetime = max(row.tat, now)
+                session.execute(
+                    update(rate_limits).where(rate_limits.c.name == name).values(tat=start + step)
+                )
+                return start
+            try:
+                with session.begin_nested():
+                    session.execute(insert(rate_limits), {"name": name, "tat": now + step})
+                return now
+            except IntegrityError:
+                continue
+        raise RuntimeError(f"could not reserve a slot of {name}")
+
+
+def limiter_for(settings: Settings) -> Limiter:
+    """Redis when one is configured (or is the broker), else the job store."""
+    url = settings.limiter_url
+    if url is None and settings.broker_url.startswith(("redis://", "rediss://")):
+        url = settings.broker_url
+    return RedisLimiter(url) if url else StoreLimiter()
+
+
+def limit_key(spec: TaskLimits, payload: Any, tags: list[str]) -> str | None:
+    """The value a job's per-key limits count by, or None when it has none."""
+    if spec.key is None:
+        return None
+    if spec.key.startswith("payload."):
+        field = spec.key.removeprefix("payload.")
+        value = payload.get(field) if isinstance(payload, dict) else None
+        return None if value is None else str(value)[:200]
+    prefix = spec.key.removeprefix("tag:")
+    return next((tag[:200] for tag in tags if tag.startswith(prefix)), None)
