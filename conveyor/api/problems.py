@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -72,17 +72,19 @@ def validation_errors(raw: Any, prefix: tuple[str | int, ...] = ()) -> list[dict
     ]
 
 
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(request: Request) -> str:
     """Every method served at the request's path, not only by the first route matching it."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if (
-            isinstance(route, Route)
-            and route.methods
-            and route.matches(request.scope)[0] is not Match.NONE
-        ):
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -124,6 +126,16 @@ def install(app: FastAPI) -> None:
             )
         )
 
+    async def on_unstorable(_request: Request, _error: Exception) -> JSONResponse:
+        # The database refused a value from the request, e.g. text holding a NUL character.
+        return problem_response(
+            Problem(
+                422,
+                "the request holds a value the job store cannot keep, such as a NUL character",
+                slug="unstorable-value",
+            )
+        )
+
     async def on_crash(_request: Request, _error: Exception) -> JSONResponse:
         return problem_response(Problem(500, "an unexpected error occurred"))
 
@@ -132,4 +144,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(OperationalError, on_store_down)
     app.add_exception_handler(InterfaceError, on_store_down)
+    app.add_exception_handler(DataError, on_unstorable)
     app.add_exception_handler(Exception, on_crash)

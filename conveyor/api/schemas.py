@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -17,16 +17,25 @@ Tag = Field(min_length=1, max_length=64)
 class JobIn(BaseModel):
     """A job to submit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"task": "demo.echo", "payload": {"hello": "world"}}]},
+    )
 
-    task: str = Field(min_length=1, max_length=200, description="A registered task type")
-    payload: Any = Field(default_factory=dict, description="Checked against the task's schema")
+    task: str = Field(
+        min_length=1, max_length=200, description="A registered task type", examples=["demo.echo"]
+    )
+    payload: Any = Field(
+        default_factory=dict,
+        description="Checked against the task's schema",
+        examples=[{"hello": "world"}],
+    )
     priority: Priority | None = Field(None, description="Defaults to the task type's")
     delay_seconds: float | None = Field(None, ge=0, le=366 * 86400)
     run_at: AwareDatetime | None = Field(None, description="When to run; with a time zone")
     max_attempts: int | None = Field(None, ge=1, le=100)
     timeout_seconds: float | None = Field(None, gt=0, le=86400)
-    tags: list[str] = Field(default_factory=list, max_length=20)
+    tags: list[Annotated[str, Tag]] = Field(default_factory=list, max_length=20)
 
     @model_validator(mode="after")
     def _one_delay(self) -> JobIn:

@@ -13,7 +13,22 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    DateTime,
+    Select,
+    String,
+    Uuid,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
@@ -25,6 +40,52 @@ from conveyor.jobs.states import (
     JobState,
 )
 from conveyor.jobs.tables import job_events, jobs
+
+# The two transitions every job takes, as one statement each on PostgreSQL: the
+# conditional UPDATE and its event in a data-modifying CTE, so a claim or a success
+# costs a single round trip (and commits alone in an autocommit session).
+CLAIM_PG = text(
+    """
+    WITH moved AS (
+        UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
+            lease_expires_at = :lease, started_at = :now, updated_at = :now,
+            limit_key = COALESCE(:limit_key, limit_key)
+        WHERE id = :id AND state = 'queued' AND attempts < max_attempts
+        RETURNING *
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
+        SELECT id, :now, 'claimed', 'queued', 'running', attempts, :worker FROM moved
+    )
+    SELECT * FROM moved
+    """
+).bindparams(
+    bindparam("id", type_=Uuid()),
+    bindparam("lease", type_=DateTime(timezone=True)),
+    bindparam("now", type_=DateTime(timezone=True)),
+    bindparam("limit_key", type_=String()),
+)
+SUCCEED_PG = text(
+    """
+    WITH moved AS (
+        UPDATE jobs SET state = 'succeeded', result = :result, finished_at = :now,
+            lease_expires_at = NULL, updated_at = :now
+        WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt
+        RETURNING *
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
+        SELECT id, :now, 'succeeded', 'running', 'succeeded', attempts, :worker FROM moved
+    )
+    SELECT * FROM moved
+    """
+).bindparams(
+    bindparam("id", type_=Uuid()),
+    bindparam("now", type_=DateTime(timezone=True)),
+    bindparam("result", type_=JSONB(none_as_null=True)),
+)
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def utcnow() -> dt.datetime:
@@ -157,21 +218,41 @@ def claim(
     worker: str,
     lease_seconds: float,
     now: dt.datetime | None = None,
+    limit_key: str | None = None,
 ) -> Job | None:
     """queued → running for `worker`, counting an attempt; None if not queued or exhausted."""
     now = now or utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.RUNNING.value,
+        "attempts": jobs.c.attempts + 1,
+        "worker": worker,
+        "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+        "started_at": now,
+        "updated_at": now,
+    }
+    if limit_key is not None:
+        values["limit_key"] = limit_key
+    if _postgres(session):
+        row = (
+            session.execute(
+                CLAIM_PG,
+                {
+                    "id": job_id,
+                    "worker": worker,
+                    "lease": now + dt.timedelta(seconds=lease_seconds),
+                    "now": now,
+                    "limit_key": limit_key,
+                },
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else Job.from_row(row)
     job = _transition(
         session,
         job_id,
         [jobs.c.state == JobState.QUEUED.value, jobs.c.attempts < jobs.c.max_attempts],
-        {
-            "state": JobState.RUNNING.value,
-            "attempts": jobs.c.attempts + 1,
-            "worker": worker,
-            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
-            "started_at": now,
-            "updated_at": now,
-        },
+        values,
     )
     if job is not None:
         _event(session, job, "claimed", JobState.QUEUED, at=now, worker=worker)
@@ -211,6 +292,16 @@ def succeed(
 ) -> Job | None:
     """running → succeeded, only for the worker and attempt that hold the claim."""
     now = now or utcnow()
+    if _postgres(session):
+        row = (
+            session.execute(
+                SUCCEED_PG,
+                {"id": job_id, "worker": worker, "attempt": attempt, "result": result, "now": now},
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else Job.from_row(row)
     job = _transition(
         session,
         job_id,
@@ -802,26 +893,56 @@ def counts_by_queue(session: Session, *, tenant: str | None = None) -> dict[str,
     return counts
 
 
-def finished_samples(
-    session: Session, *, tenant: str | None, since: dt.datetime, limit: int = 200_000
-) -> list[tuple[str, str, float | None, float | None]]:
-    """(task, state, run seconds, queue-wait seconds) of jobs created since `since`."""
-    statement = (
-        select(
-            jobs.c.task, jobs.c.state, jobs.c.scheduled_at, jobs.c.started_at, jobs.c.finished_at
+def defer(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    run_after: dt.datetime,
+    reason: str,
+    slot_at: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """queued → scheduled until `run_after`: the job is over a flow-control limit.
+
+    It does not fail and uses no attempt; `slot_at` keeps a reserved rate-limit slot.
+    """
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.SCHEDULED.value,
+        "run_after": run_after,
+        "published_at": None,
+        "updated_at": now,
+    }
+    if slot_at is not None:
+        values["slot_at"] = slot_at
+    job = _transition(session, job_id, [jobs.c.state == JobState.QUEUED.value], values)
+    if job is not None:
+        _event(
+            session,
+            job,
+            "deferred",
+            JobState.QUEUED,
+            at=now,
+            detail={"reason": reason, "until": run_after.isoformat()},
         )
-        .where(jobs.c.created_at >= since)
-        .limit(limit)
+    return job
+
+
+def lock_limit_key(session: Session, name: str) -> None:
+    """Serialize claims counted against one concurrency key (PostgreSQL; SQLite is serial)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(name.encode()).digest()
+    session.execute(
+        select(func.pg_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True)))
     )
-    if tenant is not None:
-        statement = statement.where(jobs.c.tenant == tenant)
-    samples = []
-    for task, state, scheduled_at, started_at, finished_at in session.execute(statement).all():
-        run = None
-        wait = None
-        if started_at is not None and finished_at is not None and state == "succeeded":
-            run = (finished_at - started_at).total_seconds()
-        if started_at is not None and scheduled_at is not None:
-            wait = max(0.0, (started_at - scheduled_at).total_seconds())
-        samples.append((task, state, run, wait))
-    return samples
+
+
+def count_running(session: Session, *, task: str, limit_key: str) -> int:
+    """Running jobs of a task type holding a concurrency key."""
+    statement = select(func.count()).where(
+        jobs.c.task == task,
+        jobs.c.limit_key == limit_key,
+        jobs.c.state == JobState.RUNNING.value,
+    )
+    return int(session.execute(statement).scalar_one())

@@ -10,6 +10,7 @@ import threading
 import uuid
 from typing import Any
 
+import psycopg
 import redis
 from celery import Celery, Task
 from celery.signals import worker_process_init, worker_shutting_down
@@ -24,11 +25,14 @@ from conveyor.config import (
     is_amqp,
 )
 from conveyor.jobs import outbox, store
+from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job
 from conveyor.tasks import registry
 from conveyor.worker.broker import queue_depths
 from conveyor.worker.execute import Executor
 from conveyor.worker.leases import LeaseKeeper
+from conveyor.worker.limiter import limiter_for
+from conveyor.worker.maintenance import aggregate_once, cleanup_once
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle, worker_name
 
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 
 RELAY_TASK = "conveyor.relay"
 RESCUE_TASK = "conveyor.rescue"
+AGGREGATE_TASK = "conveyor.aggregate"
+CLEANUP_TASK = "conveyor.cleanup"
 
 
 def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None) -> Celery:
@@ -56,6 +62,19 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
                 "expires": settings.rescue_interval_seconds * 3,
             },
         },
+        "aggregate": {
+            "task": AGGREGATE_TASK,
+            "schedule": settings.aggregate_interval_seconds,
+            "options": {
+                "queue": MAINTENANCE_QUEUE,
+                "expires": settings.aggregate_interval_seconds * 2,
+            },
+        },
+        "cleanup": {
+            "task": CLEANUP_TASK,
+            "schedule": settings.cleanup_interval_seconds,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.cleanup_interval_seconds},
+        },
     }
     # Beat keeps no file: one leader, chosen through the store, schedules everything.
     app.conf.beat_scheduler = "conveyor.beat.scheduler:ConveyorScheduler"
@@ -75,6 +94,10 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         lease_seconds=settings.lease_seconds,
         reschedule=lambda job: _publish_one(handle, publisher, job),
         leases=leases,
+        limits=settings.limits,
+        fast_sessions=handle.fast_sessions,
+        fast_path=FastPath(settings.database_url) if not settings.is_sqlite else None,
+        limiter=limiter_for(settings) if settings.limits else None,
     )
 
     @worker_shutting_down.connect(weak=False)
@@ -101,7 +124,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             return
         try:
             outcome = executor.run(parsed)
-        except (OperationalError, InterfaceError) as error:
+        except (OperationalError, InterfaceError, psycopg.OperationalError) as error:
             # The store is away: send the message round again rather than lose it.
             retries = self.request.retries
             log.warning("job store unavailable for job %s (%s); retrying", parsed, error)
@@ -122,6 +145,14 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
     @app.task(name=RESCUE_TASK, ignore_result=True)
     def rescue() -> int:
         return rescue_once(handle, publisher)
+
+    @app.task(name=AGGREGATE_TASK, ignore_result=True)
+    def aggregate() -> int:
+        return aggregate_once(handle)
+
+    @app.task(name=CLEANUP_TASK, ignore_result=True)
+    def cleanup() -> dict[str, int]:
+        return cleanup_once(handle, settings)
 
     return app
 

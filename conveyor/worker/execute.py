@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.config import TaskLimits
 from conveyor.jobs import store
+from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import jobs as jobs_table
@@ -106,6 +107,8 @@ class Executor:
         leases: LeaseKeeper,
         limits: dict[str, TaskLimits] | None = None,
         limiter: Limiter | None = None,
+        fast_sessions: Callable[[], sessionmaker[Session]] | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -114,13 +117,23 @@ class Executor:
         self._reschedule = reschedule
         self.leases = leases
         self._limits = limits or {}
+        self._fast = fast_sessions or sessions
+        self._fast_path = fast_path
         self._limiter = limiter
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
         sessions = self._sessions()
+        fast = self._fast()
         worker = self._worker()
-        job = self._claim(sessions, job_id, worker)
+        job: Job | Outcome | None = None
+        if self._fast_path is not None and not self._limits:
+            job = self._fast_path.claim(
+                job_id, worker=worker, lease_seconds=self._lease_seconds, now=store.utcnow()
+            )
+        if job is None:
+            # Flow control needs a transaction around its checks and the claim.
+            job = self._claim(sessions if self._limits else fast, job_id, worker)
         if isinstance(job, Outcome):
             return job
         lost = self.leases.hold(job.id, job.attempts, job.timeout_seconds)
@@ -136,11 +149,19 @@ class Executor:
             return self._failed(sessions, job, worker, error)
         finally:
             self.leases.drop(job.id)
-        with sessions.begin() as session:
-            done = store.succeed(
-                session, job.id, worker=worker, attempt=job.attempts, result=result
+        if self._fast_path is not None:
+            held = self._fast_path.succeed(
+                job.id, worker=worker, attempt=job.attempts, result=result, now=store.utcnow()
             )
-        if done is None:
+        else:
+            with fast.begin() as session:
+                held = (
+                    store.succeed(
+                        session, job.id, worker=worker, attempt=job.attempts, result=result
+                    )
+                    is not None
+                )
+        if not held:
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
 

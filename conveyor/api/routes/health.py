@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from conveyor.api.deps import State
 from conveyor.api.problems import PROBLEM_JSON
+from conveyor.api.routes.jobs import PROBLEMS
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +19,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
+@router.get(
+    "/readyz", responses={503: {**PROBLEMS[503], "description": "a dependency does not answer"}}
+)
 def readyz(state: State) -> JSONResponse:
     """200 when the database and the broker answer; otherwise 503 naming which does not."""
     checks: dict[str, str] = {}

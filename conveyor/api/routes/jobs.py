@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from conveyor.api.deps import Reader, State, Submitter
 from conveyor.api.paths import JOB_ID
-from conveyor.api.problems import Problem, validation_errors
+from conveyor.api.problems import PROBLEM_JSON, Problem, validation_errors
 from conveyor.api.schemas import (
     BatchIn,
     BatchOut,
@@ -36,8 +36,11 @@ from conveyor.tasks.submission import build_new_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PROBLEMS: dict[int | str, dict[str, object]] = {
-    status: {"model": ProblemOut, "content": {"application/problem+json": {}}}
-    for status in (401, 403, 404, 409, 413, 422, 429, 503)
+    status: {
+        "model": ProblemOut,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemOut"}}},
+    }
+    for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -96,7 +99,15 @@ def _build(
         ) from None
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=PROBLEMS)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        **PROBLEMS,
+        200: {"model": JobOut, "description": "The job an earlier request with this key made"},
+    },
+)
 def submit_job(
     body: JobIn,
     key: Submitter,

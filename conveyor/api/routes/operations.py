@@ -13,7 +13,8 @@ from conveyor.api.deps import Reader, State
 from conveyor.api.problems import Problem
 from conveyor.api.routes.jobs import PROBLEMS
 from conveyor.config import POOLS
-from conveyor.jobs import store
+from conveyor.jobs import rollups, store
+from conveyor.jobs.quantiles import Quantiles
 from conveyor.jobs.states import JobState
 
 router = APIRouter(prefix="/v1", tags=["operations"])
@@ -115,17 +116,9 @@ def parse_window(text: str) -> int:
     return seconds
 
 
-def percentiles(values: list[float]) -> Percentiles:
-    """Nearest-rank percentiles of `values`."""
-    if not values:
-        return Percentiles(p50=None, p95=None, p99=None)
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        index = max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 1)) - 1))
-        return round(ordered[index], 6)
-
-    return Percentiles(p50=rank(0.50), p95=rank(0.95), p99=rank(0.99))
+def percentiles(quantiles: Quantiles) -> Percentiles:
+    """The API's shape of p50/p95/p99."""
+    return Percentiles(p50=quantiles.p50, p95=quantiles.p95, p99=quantiles.p99)
 
 
 @router.get("/stats", response_model=StatsOut, responses=PROBLEMS)
@@ -136,27 +129,21 @@ def stats(
 ) -> StatsOut:
     """Per task type over the window: counts by state, p50/p95/p99 of run time and queue wait."""
     seconds = parse_window(window)
-    since = store.utcnow() - dt.timedelta(seconds=seconds)
+    now = store.utcnow()
+    since = now - dt.timedelta(seconds=seconds)
+    # Rolled-up minutes, plus the few raw jobs past the rollups' watermark.
     with state.sessions() as session:
-        samples = store.finished_samples(session, tenant=key.tenant, since=since)
-    by_task: dict[str, tuple[dict[str, int], list[float], list[float]]] = {}
-    for task, job_state, run, wait in samples:
-        counts, runs, waits = by_task.setdefault(task, ({}, [], []))
-        counts[job_state] = counts.get(job_state, 0) + 1
-        if run is not None:
-            runs.append(run)
-        if wait is not None:
-            waits.append(wait)
+        found = rollups.window_stats(session, tenant=key.tenant, since=since, now=now)
     return StatsOut(
         window_seconds=seconds,
         since=since,
         items=[
             TaskStats(
-                task=task,
-                counts=counts,
-                run_seconds=percentiles(runs),
-                queue_wait_seconds=percentiles(waits),
+                task=item.task,
+                counts=item.counts,
+                run_seconds=percentiles(item.run_seconds),
+                queue_wait_seconds=percentiles(item.queue_wait_seconds),
             )
-            for task, (counts, runs, waits) in sorted(by_task.items())
+            for item in found
         ],
     )

@@ -1,0 +1,115 @@
+"""The two transitions every job takes, on a plain psycopg connection (PostgreSQL only).
+
+A claim and a success each cost one statement and one round trip: the conditional
+UPDATE and its event run as one data-modifying CTE on an autocommit connection. The
+statements are the store's own (store.CLAIM_SQL, store.SUCCEED_SQL); this module only
+skips the ORM session around them, which costs more than the statement on a busy worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from sqlalchemy.engine import make_url
+
+from conveyor.jobs.models import Job
+
+CLAIM_SQL = """
+WITH moved AS (
+    UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = %(worker)s,
+        lease_expires_at = %(lease)s, started_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(id)s AND state = 'queued' AND attempts < max_attempts
+    RETURNING *
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
+    SELECT id, %(now)s, 'claimed', 'queued', 'running', attempts, %(worker)s FROM moved
+)
+SELECT * FROM moved
+"""
+
+SUCCEED_SQL = """
+WITH moved AS (
+    UPDATE jobs SET state = 'succeeded', result = %(result)s, finished_at = %(now)s,
+        lease_expires_at = NULL, updated_at = %(now)s
+    WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s AND attempts = %(attempt)s
+    RETURNING id
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
+    SELECT id, %(now)s, 'succeeded', 'running', 'succeeded', %(attempt)s, %(worker)s FROM moved
+)
+SELECT id FROM moved
+"""
+
+
+class FastPath:
+    """One autocommit connection per process (and thread), opened on first use."""
+
+    def __init__(self, database_url: str) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._local = threading.local()
+
+    def _connection(self, name: str) -> psycopg.Connection[dict[str, Any]]:
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.__dict__.clear()
+            self._local.pid = os.getpid()
+        conn: psycopg.Connection[dict[str, Any]] | None = getattr(self._local, name, None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(
+                self._conninfo, autocommit=True, row_factory=dict_row, connect_timeout=5
+            )
+            if name == "claims":
+                # A claim need not wait for the disk: if the server crashes before the
+                # WAL is flushed, the job is simply still queued and its message is
+                # delivered again. Finishes stay durable.
+                conn.execute("SET synchronous_commit = off")
+            setattr(self._local, name, conn)
+        return conn
+
+    def _run(self, name: str, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self._connection(name).execute(sql, params, prepare=True).fetchone()
+        except psycopg.OperationalError:
+            # The next call opens a new connection; this one reports the outage.
+            setattr(self._local, name, None)
+            raise
+
+    def claim(
+        self, job_id: uuid.UUID, *, worker: str, lease_seconds: float, now: dt.datetime
+    ) -> Job | None:
+        """queued → running, as store.claim."""
+        row = self._run(
+            "claims",
+            CLAIM_SQL,
+            {
+                "id": job_id,
+                "worker": worker,
+                "lease": now + dt.timedelta(seconds=lease_seconds),
+                "now": now,
+            },
+        )
+        return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
+
+    def succeed(
+        self, job_id: uuid.UUID, *, worker: str, attempt: int, result: Any, now: dt.datetime
+    ) -> bool:
+        """running → succeeded, as store.succeed; False when the claim was lost."""
+        row = self._run(
+            "finishes",
+            SUCCEED_SQL,
+            {
+                "id": job_id,
+                "worker": worker,
+                "attempt": attempt,
+                "result": Jsonb(result),
+                "now": now,
+            },
+        )
+        return row is not None

@@ -1,0 +1,31 @@
+"""Bodies of the periodic maintenance tasks: stats rollups and retention."""
+
+from __future__ import annotations
+
+import logging
+
+from conveyor.config import Settings
+from conveyor.jobs import retention, rollups, store
+from conveyor.worker.runtime import StoreHandle
+
+log = logging.getLogger(__name__)
+
+
+def aggregate_once(handle: StoreHandle) -> int:
+    """Roll up the complete minutes finished since the last run; returns rows written."""
+    with handle.sessions().begin() as session:
+        return rollups.aggregate(session, now=store.utcnow())
+
+
+def cleanup_once(handle: StoreHandle, settings: Settings) -> dict[str, int]:
+    """Delete finished jobs, dead jobs and rollups past their retention, in batches."""
+    deleted = retention.cleanup(
+        handle.sessions(),
+        now=store.utcnow(),
+        finished_days=settings.retention_finished_days,
+        dead_days=settings.retention_dead_days,
+        rollup_days=settings.retention_rollup_days,
+    )
+    if any(deleted.values()):
+        log.info("retention deleted %s", deleted)
+    return deleted
