@@ -25,6 +25,11 @@ throughput alone. The drain clock runs from the FIRST completion to the LAST one
 (Redis for bare Celery, `jobs.finished_at` for Conveyor); worker boot, from process start
 to the first completion, is reported separately. Every wait has a deadline, and worker
 processes are killed (process group, SIGTERM then SIGKILL) on success, error or Ctrl-C.
+
+What differs on the wire: Conveyor's messages also carry soft/hard time limits and two
+headers (its publisher sets them); both sides log each task at the same `--loglevel`.
+The 1-minute load average printed per side includes the benchmark's own processes; on a
+shared machine a much higher figure means the two sides did not run under equal load.
 """
 
 from __future__ import annotations

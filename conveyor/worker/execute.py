@@ -168,13 +168,10 @@ class Executor:
     def _claim(
         self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str
     ) -> Job | Outcome:
+        # A deferred job stays unpublished in the store; the relay publishes it when its
+        # slot comes, so slots are kept to the relay's tick whatever the broker.
         deferred: list[Job] = []
-        try:
-            return self._claim_in(sessions, job_id, worker, deferred)
-        finally:
-            # Published only once the deferral has committed.
-            for job in deferred:
-                self._reschedule(job)
+        return self._claim_in(sessions, job_id, worker, deferred)
 
     def _claim_in(
         self,
@@ -247,8 +244,13 @@ class Executor:
             if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
                 wait = dt.timedelta(seconds=random.uniform(0.3, 0.8))
                 return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
-        reserved = current.slot_at is not None and current.slot_at <= now + SLOT_SLACK
-        if not reserved and self._limiter is not None and (spec.rate or spec.key_rate):
+        if current.slot_at is not None:
+            # The job holds a slot already: it never takes a second one. Delivered early
+            # (a countdown fires a little ahead), it waits for its own slot again.
+            if current.slot_at > now + SLOT_SLACK:
+                return store.defer(session, job_id, run_after=current.slot_at, reason="rate")
+            return key
+        if self._limiter is not None and (spec.rate or spec.key_rate):
             start = now
             if spec.rate:
                 start = max(start, self._limiter.reserve(session, current.task, 1 / spec.rate))

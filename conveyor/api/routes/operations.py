@@ -7,7 +7,7 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from conveyor.api.deps import Reader, State
 from conveyor.api.problems import Problem
@@ -33,6 +33,7 @@ class QueueOut(BaseModel):
     running: int
     scheduled: int
     retrying: int
+    rate_limited: int = Field(0, description="scheduled jobs waiting for a rate-limit slot")
 
 
 class QueuesOut(BaseModel):
@@ -87,6 +88,7 @@ def list_queues(key: Reader, state: State) -> QueuesOut:
                         JobState.RUNNING,
                         JobState.SCHEDULED,
                         JobState.RETRYING,
+                        "rate_limited",
                     )
                 },
             )
