@@ -5,7 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "memory://"
@@ -89,8 +97,25 @@ class Settings(BaseSettings):
     high_concurrency: int = Field(default=2, ge=1, le=512)
     default_concurrency: int = Field(default=2, ge=1, le=512)
     low_concurrency: int = Field(default=1, ge=1, le=512)
+    # All pools' prefetch when set explicitly and a pool's own is not (see pool_prefetch).
     prefetch_multiplier: int = Field(default=4, ge=1, le=1000)
     worker_pool_class: Literal["prefork", "threads", "solo"] = "prefork"
+    # Messages a worker process reserves ahead. high takes one at a time: a job held in a
+    # busy process's buffer would wait behind it (head-of-line blocking) while another
+    # process sits idle. default favours throughput: fewer broker round trips per job.
+    # low keeps one so a long job holds back no more than itself.
+    high_prefetch: int = Field(default=1, ge=1, le=1000)
+    default_prefetch: int = Field(default=4, ge=1, le=1000)
+    low_prefetch: int = Field(default=1, ge=1, le=1000)
+    # None: a fixed pool of <pool>_concurrency processes. Set: Celery's autoscaler grows
+    # and shrinks the prefork pool between this many and <pool>_concurrency by load.
+    high_autoscale_min: int | None = Field(default=None, ge=0, le=512)
+    default_autoscale_min: int | None = Field(default=None, ge=0, le=512)
+    low_autoscale_min: int | None = Field(default=None, ge=0, le=512)
+    # A cap on how long any one run in the pool may take, whatever its job's own timeout.
+    high_time_limit_seconds: float | None = Field(default=None, gt=0)
+    default_time_limit_seconds: float | None = Field(default=None, gt=0)
+    low_time_limit_seconds: float | None = Field(default=None, gt=0)
 
     # Beat: one leader at a time holds a lease; a standby takes over when it lapses.
     beat_lease_seconds: float = Field(default=8.0, ge=2)
@@ -122,6 +147,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, amqp:// or memory:// URL")
         return value
 
+    @field_validator("high_autoscale_min", "default_autoscale_min", "low_autoscale_min")
+    @classmethod
+    def _check_autoscale_min(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        pool = str(info.field_name).removesuffix("_autoscale_min")
+        concurrency = info.data.get(f"{pool}_concurrency")
+        if concurrency is not None and value > concurrency:
+            raise ValueError(f"must be at most CONVEYOR_{pool.upper()}_CONCURRENCY ({concurrency})")
+        if info.data.get("worker_pool_class", "prefork") != "prefork":
+            raise ValueError("autoscaling needs CONVEYOR_WORKER_POOL_CLASS=prefork")
+        return value
+
     @property
     def embedded(self) -> bool:
         """True when the broker lives inside this process."""
@@ -139,6 +177,28 @@ class Settings(BaseSettings):
             "default": self.default_concurrency,
             "low": self.low_concurrency,
         }[pool]
+
+    def pool_prefetch(self, pool: str) -> int:
+        """A pool's prefetch multiplier.
+
+        The pool's own setting when given; else CONVEYOR_PREFETCH_MULTIPLIER when given
+        (it used to apply to every pool and still does); else the pool's default.
+        """
+        own = f"{pool}_prefetch"
+        if own not in self.model_fields_set and "prefetch_multiplier" in self.model_fields_set:
+            return self.prefetch_multiplier
+        value: int = getattr(self, own)
+        return value
+
+    def pool_autoscale_min(self, pool: str) -> int | None:
+        """The fewest processes a pool's autoscaler keeps; None for a fixed-size pool."""
+        value: int | None = getattr(self, f"{pool}_autoscale_min")
+        return value
+
+    def pool_time_limit(self, pool: str) -> float | None:
+        """The longest any run in the pool may take, in seconds; None for no cap."""
+        value: float | None = getattr(self, f"{pool}_time_limit_seconds")
+        return value
 
 
 def describe_error(error: ValidationError) -> str:

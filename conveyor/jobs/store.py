@@ -890,6 +890,13 @@ def counts_by_queue(session: Session, *, tenant: str | None = None) -> dict[str,
     counts: dict[str, dict[str, int]] = {}
     for queue, state, count in session.execute(statement).all():
         counts.setdefault(queue, {})[state] = int(count)
+    limited = select(jobs.c.queue, func.count()).where(
+        jobs.c.state == JobState.SCHEDULED.value, jobs.c.slot_at.is_not(None)
+    )
+    if tenant is not None:
+        limited = limited.where(jobs.c.tenant == tenant)
+    for queue, count in session.execute(limited.group_by(jobs.c.queue)).all():
+        counts.setdefault(queue, {})["rate_limited"] = int(count)
     return counts
 
 

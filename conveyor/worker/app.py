@@ -115,7 +115,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
     app.conveyor_publisher = publisher
     app.conveyor_executor = executor
 
-    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True, shared=False)
     def run(self: Task, job_id: str) -> None:
         try:
             parsed = uuid.UUID(job_id)
@@ -131,7 +131,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             raise self.retry(countdown=min(2.0**retries, 10.0), max_retries=None) from None
         log.debug("job %s: %s", parsed, outcome.action)
 
-    @app.task(name=RELAY_TASK, ignore_result=True)
+    @app.task(name=RELAY_TASK, ignore_result=True, shared=False)
     def relay() -> int:
         if broker_forgot(settings.broker_url):
             with handle.sessions().begin() as session:
@@ -142,15 +142,17 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         sweep_lost_messages(app, handle, grace_seconds=settings.relay_grace_seconds)
         return relay_once(handle, publisher, grace_seconds=settings.relay_grace_seconds)
 
-    @app.task(name=RESCUE_TASK, ignore_result=True)
+    @app.task(name=RESCUE_TASK, ignore_result=True, shared=False)
     def rescue() -> int:
         return rescue_once(handle, publisher)
 
-    @app.task(name=AGGREGATE_TASK, ignore_result=True)
+    # Not shared: a shared task joins every app made later in the process, and the
+    # first app's closure (its settings and store) would then answer for all of them.
+    @app.task(name=AGGREGATE_TASK, ignore_result=True, shared=False)
     def aggregate() -> int:
         return aggregate_once(handle)
 
-    @app.task(name=CLEANUP_TASK, ignore_result=True)
+    @app.task(name=CLEANUP_TASK, ignore_result=True, shared=False)
     def cleanup() -> dict[str, int]:
         return cleanup_once(handle, settings)
 
