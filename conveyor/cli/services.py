@@ -10,7 +10,8 @@ import uvicorn
 from conveyor.api.app import create_app
 from conveyor.cli.errors import CommandError, fail
 from conveyor.cli.wiring import build_platform, run_migrations
-from conveyor.config import Settings
+from conveyor.config import RUN_TASK, Settings
+from conveyor.worker import timecap
 
 
 def api(settings: Settings) -> None:
@@ -34,12 +35,17 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         )
     platform = build_platform(settings)
     name = "-".join(queues)
+    # Several queues share one worker: the first one's pool settings apply.
+    pool = queues[0]
+    processes = concurrency or settings.pool_concurrency(pool)
     argv = [
         "worker",
         "--queues",
         ",".join(queues),
         "--concurrency",
-        str(concurrency or settings.pool_concurrency(queues[0])),
+        str(processes),
+        "--prefetch-multiplier",
+        str(settings.pool_prefetch(pool)),
         "--pool",
         settings.worker_pool_class,
         "--hostname",
@@ -50,6 +56,16 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         "--without-mingle",
         "--without-gossip",
     ]
+    autoscale_min = settings.pool_autoscale_min(pool)
+    if autoscale_min is not None:
+        # Between min and max processes; a --concurrency below the minimum becomes it.
+        argv.append(f"--autoscale={processes},{min(autoscale_min, processes)}")
+    cap = settings.pool_time_limit(pool)
+    if cap is not None:
+        # Tasks without limits of their own take the worker's; job messages carry theirs.
+        argv += ["--soft-time-limit", str(cap)]
+        argv += ["--time-limit", str(cap + timecap.HARD_LIMIT_GRACE_SECONDS)]
+        platform.celery.tasks[RUN_TASK].Request = timecap.capped_request_class(cap)
     platform.celery.worker_main(argv)
 
 

@@ -58,11 +58,14 @@ class EmbeddedWorkers:
         app = self._platform.celery
         app.finalize()
         app.set_current()
+        # Pool threads look the app up as the process default, not the thread-local one.
+        app.set_default()
         for pool in POOLS:
             worker = app.WorkController(
                 app=app,
                 hostname=f"{pool}@embedded",
                 concurrency=self._platform.settings.pool_concurrency(pool) * 2,
+                prefetch_multiplier=self._platform.settings.pool_prefetch(pool),
                 pool="threads",
                 queues=[pool],
                 without_heartbeat=True,

@@ -84,8 +84,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.2,
             "interval_max": 0.2,
         },
-        # Warm shutdown gives running jobs this long, then hands the rest back.
-        "worker_soft_shutdown_timeout": settings.shutdown_grace_seconds,
+        # Warm shutdown gives running jobs this long, then hands the rest back. Not for
+        # the embedded workers: with it set, a worker run in a thread never consumes.
+        "worker_soft_shutdown_timeout": 0.0
+        if settings.embedded
+        else settings.shutdown_grace_seconds,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
