@@ -506,7 +506,7 @@ def report(
         f"loglevel {opts.loglevel} | {os.cpu_count()} CPUs",
         f"Conveyor backlog enqueue: {opts.backlog} jobs in {enqueue_seconds:.1f}s "
         f"({opts.backlog / enqueue_seconds:.0f} jobs/s, outbox.submit in batches of {opts.batch})",
-        "queue wait = Conveyor: jobs.started_at - jobs.created_at; "
+        "queue wait (nearest-rank percentiles) = Conveyor: jobs.started_at - jobs.created_at; "
         "bare: time at task start - time at send",
         "",
     ]

@@ -65,6 +65,9 @@ class FastPath:
             conn = psycopg.connect(
                 self._conninfo, autocommit=True, row_factory=dict_row, connect_timeout=5
             )
+            # Plan each execution with its own values: a generic plan made while the table
+            # was small can scan every queued job instead of looking the id up.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
             if name == "claims":
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
