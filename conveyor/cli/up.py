@@ -61,6 +61,7 @@ class EmbeddedWorkers:
         # Pool threads look the app up as the process default, not the thread-local one.
         app.set_default()
         for pool in POOLS:
+            ready = threading.Event()
             worker = app.WorkController(
                 app=app,
                 hostname=f"{pool}@embedded",
@@ -72,9 +73,14 @@ class EmbeddedWorkers:
                 without_mingle=True,
                 without_gossip=True,
                 loglevel=self._platform.settings.log_level,
+                ready_callback=lambda *_args, ready=ready: ready.set(),
             )
             thread = threading.Thread(target=worker.start, name=f"worker-{pool}", daemon=True)
             thread.start()
+            # One at a time: workers starting together in one process can leave one of
+            # them connected but never consuming.
+            if not ready.wait(timeout=30):
+                raise RuntimeError(f"the embedded {pool} worker did not start")
             self._workers.append(worker)
             self._threads.append(thread)
 

@@ -45,10 +45,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=10,
-        # No ping per checkout: it doubles the round trips of every short transaction.
-        # A connection that died with the server fails its statement instead; the pool
-        # then drops every connection of that generation, and callers retry.
-        pool_pre_ping=False,
+        # A ping per checkout finds connections that died with a restarted server before
+        # a request uses them; the workers' hot path does not go through this pool.
+        pool_pre_ping=True,
         pool_recycle=1800,
         # A database that went away must fail calls fast, not hang them.
         connect_args={"connect_timeout": 5},

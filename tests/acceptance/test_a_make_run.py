@@ -1,4 +1,8 @@
-"""`make run` on the embedded default: the printed curl line gives a succeeded job fast."""
+"""`make run` on the embedded default: the printed curl line gives a succeeded job fast.
+
+Named to run first among the acceptance tests, on a machine not yet busy with their
+workers, since it times a two-second promise.
+"""
 
 from __future__ import annotations
 
