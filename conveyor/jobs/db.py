@@ -54,12 +54,6 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     )
 
 
-def make_session_factory(engine: Engine, *, autocommit: bool = False) -> sessionmaker[Session]:
-    """Sessions whose objects stay readable after commit.
-
-    With `autocommit`, each statement commits by itself: for single-statement
-    transitions on PostgreSQL, which then take one round trip instead of three.
-    """
-    if autocommit and engine.dialect.name == "postgresql":
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)

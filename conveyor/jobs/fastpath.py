@@ -2,8 +2,9 @@
 
 A claim and a success each cost one statement and one round trip: the conditional
 UPDATE and its event run as one data-modifying CTE on an autocommit connection. The
-statements are the store's own (store.CLAIM_SQL, store.SUCCEED_SQL); this module only
-skips the ORM session around them, which costs more than the statement on a busy worker.
+statements here are the only copy: the store runs them through its session on PostgreSQL,
+and this module runs them on its own connection, skipping the ORM session around them,
+which costs more than the statement on a busy worker.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from conveyor.jobs.models import Job
 CLAIM_SQL = """
 WITH moved AS (
     UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = %(worker)s,
-        lease_expires_at = %(lease)s, started_at = %(now)s, updated_at = %(now)s
+        lease_expires_at = %(lease)s, started_at = %(now)s, updated_at = %(now)s,
+        limit_key = COALESCE(%(limit_key)s, limit_key)
     WHERE id = %(id)s AND state = 'queued' AND attempts < max_attempts
     RETURNING *
 ), logged AS (
@@ -39,12 +41,12 @@ WITH moved AS (
     UPDATE jobs SET state = 'succeeded', result = %(result)s, finished_at = %(now)s,
         lease_expires_at = NULL, updated_at = %(now)s
     WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s AND attempts = %(attempt)s
-    RETURNING id
+    RETURNING *
 ), logged AS (
     INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
     SELECT id, %(now)s, 'succeeded', 'running', 'succeeded', %(attempt)s, %(worker)s FROM moved
 )
-SELECT id FROM moved
+SELECT * FROM moved
 """
 
 
@@ -96,6 +98,7 @@ class FastPath:
                 "worker": worker,
                 "lease": now + dt.timedelta(seconds=lease_seconds),
                 "now": now,
+                "limit_key": None,
             },
         )
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]

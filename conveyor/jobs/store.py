@@ -13,24 +13,20 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import (
-    DateTime,
     Select,
-    String,
-    Uuid,
     and_,
-    bindparam,
     delete,
     func,
     insert,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
 from conveyor.jobs.states import (
     CANCELLABLE_STATES,
@@ -40,48 +36,6 @@ from conveyor.jobs.states import (
     JobState,
 )
 from conveyor.jobs.tables import job_events, jobs
-
-# The two transitions every job takes, as one statement each on PostgreSQL: the
-# conditional UPDATE and its event in a data-modifying CTE, so a claim or a success
-# costs a single round trip (and commits alone in an autocommit session).
-CLAIM_PG = text(
-    """
-    WITH moved AS (
-        UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
-            lease_expires_at = :lease, started_at = :now, updated_at = :now,
-            limit_key = COALESCE(:limit_key, limit_key)
-        WHERE id = :id AND state = 'queued' AND attempts < max_attempts
-        RETURNING *
-    ), logged AS (
-        INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
-        SELECT id, :now, 'claimed', 'queued', 'running', attempts, :worker FROM moved
-    )
-    SELECT * FROM moved
-    """
-).bindparams(
-    bindparam("id", type_=Uuid()),
-    bindparam("lease", type_=DateTime(timezone=True)),
-    bindparam("now", type_=DateTime(timezone=True)),
-    bindparam("limit_key", type_=String()),
-)
-SUCCEED_PG = text(
-    """
-    WITH moved AS (
-        UPDATE jobs SET state = 'succeeded', result = :result, finished_at = :now,
-            lease_expires_at = NULL, updated_at = :now
-        WHERE id = :id AND state = 'running' AND worker = :worker AND attempts = :attempt
-        RETURNING *
-    ), logged AS (
-        INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
-        SELECT id, :now, 'succeeded', 'running', 'succeeded', attempts, :worker FROM moved
-    )
-    SELECT * FROM moved
-    """
-).bindparams(
-    bindparam("id", type_=Uuid()),
-    bindparam("now", type_=DateTime(timezone=True)),
-    bindparam("result", type_=JSONB(none_as_null=True)),
-)
 
 
 def _postgres(session: Session) -> bool:
@@ -233,9 +187,11 @@ def claim(
     if limit_key is not None:
         values["limit_key"] = limit_key
     if _postgres(session):
+        # One statement: the conditional UPDATE and its event in one CTE (fastpath's SQL).
         row = (
-            session.execute(
-                CLAIM_PG,
+            session.connection()
+            .exec_driver_sql(
+                CLAIM_SQL,
                 {
                     "id": job_id,
                     "worker": worker,
@@ -294,9 +250,16 @@ def succeed(
     now = now or utcnow()
     if _postgres(session):
         row = (
-            session.execute(
-                SUCCEED_PG,
-                {"id": job_id, "worker": worker, "attempt": attempt, "result": result, "now": now},
+            session.connection()
+            .exec_driver_sql(
+                SUCCEED_SQL,
+                {
+                    "id": job_id,
+                    "worker": worker,
+                    "attempt": attempt,
+                    "result": Jsonb(result),
+                    "now": now,
+                },
             )
             .mappings()
             .first()

@@ -95,7 +95,6 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         reschedule=lambda job: _publish_one(handle, publisher, job),
         leases=leases,
         limits=settings.limits,
-        fast_sessions=handle.fast_sessions,
         fast_path=FastPath(settings.database_url) if not settings.is_sqlite else None,
         limiter=limiter_for(settings) if settings.limits else None,
     )

@@ -107,7 +107,6 @@ class Executor:
         leases: LeaseKeeper,
         limits: dict[str, TaskLimits] | None = None,
         limiter: Limiter | None = None,
-        fast_sessions: Callable[[], sessionmaker[Session]] | None = None,
         fast_path: FastPath | None = None,
     ) -> None:
         self._sessions = sessions
@@ -117,14 +116,12 @@ class Executor:
         self._reschedule = reschedule
         self.leases = leases
         self._limits = limits or {}
-        self._fast = fast_sessions or sessions
         self._fast_path = fast_path
         self._limiter = limiter
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
         sessions = self._sessions()
-        fast = self._fast()
         worker = self._worker()
         job: Job | Outcome | None = None
         if self._fast_path is not None and not self._limits:
@@ -133,7 +130,7 @@ class Executor:
             )
         if job is None:
             # Flow control needs a transaction around its checks and the claim.
-            job = self._claim(sessions if self._limits else fast, job_id, worker)
+            job = self._claim(sessions, job_id, worker)
         if isinstance(job, Outcome):
             return job
         lost = self.leases.hold(job.id, job.attempts, job.timeout_seconds)
@@ -154,7 +151,7 @@ class Executor:
                 job.id, worker=worker, attempt=job.attempts, result=result, now=store.utcnow()
             )
         else:
-            with fast.begin() as session:
+            with sessions.begin() as session:
                 held = (
                     store.succeed(
                         session, job.id, worker=worker, attempt=job.attempts, result=result
@@ -166,22 +163,15 @@ class Executor:
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
 
     def _claim(
-        self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str
-    ) -> Job | Outcome:
-        # A deferred job stays unpublished in the store; the relay publishes it when its
-        # slot comes, so slots are kept to the relay's tick whatever the broker.
-        deferred: list[Job] = []
-        return self._claim_in(sessions, job_id, worker, deferred)
-
-    def _claim_in(
         self,
         sessions: sessionmaker[Session],
         job_id: uuid.UUID,
         worker: str,
-        deferred: list[Job],
     ) -> Job | Outcome:
+        # A deferred job stays unpublished in the store; the relay publishes it when its
+        # slot comes, so slots are kept to the relay's tick whatever the broker.
         with sessions.begin() as session:
-            taken = self._take(session, job_id, worker, deferred)
+            taken = self._take(session, job_id, worker)
             if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
                 return taken
             current = store.get_job(session, job_id)
@@ -196,7 +186,7 @@ class Executor:
                 waiting and store.promote(session, job_id) is not None
             ):
                 # Its last worker is gone, or its time has come: this delivery takes it.
-                taken = self._take(session, job_id, worker, deferred)
+                taken = self._take(session, job_id, worker)
                 if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
                     return taken
                 current = store.get_job(session, job_id)
@@ -209,16 +199,13 @@ class Executor:
             )
             return Outcome(job_id, "dropped", current.state)
 
-    def _take(
-        self, session: Session, job_id: uuid.UUID, worker: str, deferred: list[Job]
-    ) -> Job | Outcome:
+    def _take(self, session: Session, job_id: uuid.UUID, worker: str) -> Job | Outcome:
         """Claim a queued job through its limits: the running job, a deferral, or the row."""
         limit_key = None
         if self._limits:
             gate = self._gate(session, job_id)
             if isinstance(gate, Job):
                 # Over a limit: the job waits for its slot and is published when due.
-                deferred.append(gate)
                 return Outcome(job_id, "deferred", JobState.SCHEDULED)
             limit_key = gate
         job = store.claim(

@@ -23,7 +23,6 @@ class StoreHandle:
     _pid: int = field(default=-1, init=False)
     _engine: Engine | None = field(default=None, init=False)
     _sessions: sessionmaker[Session] | None = field(default=None, init=False)
-    _fast: sessionmaker[Session] | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def sessions(self) -> sessionmaker[Session]:
@@ -35,15 +34,8 @@ class StoreHandle:
                     self._engine.dispose(close=False)
                 self._engine = make_engine(self.url, pool_size=self.pool_size)
                 self._sessions = make_session_factory(self._engine)
-                self._fast = make_session_factory(self._engine, autocommit=True)
                 self._pid = os.getpid()
             return self._sessions
-
-    def fast_sessions(self) -> sessionmaker[Session]:
-        """Sessions whose statements commit one by one (PostgreSQL), for one-statement steps."""
-        self.sessions()
-        assert self._fast is not None
-        return self._fast
 
     def dispose(self) -> None:
         """Close this process's connections."""
@@ -52,7 +44,6 @@ class StoreHandle:
                 self._engine.dispose()
             self._engine = None
             self._sessions = None
-            self._fast = None
 
 
 def worker_name(hostname: str | None = None) -> str:
