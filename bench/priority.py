@@ -40,16 +40,12 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +59,8 @@ from bench.throughput import (
     BenchError,
     Worker,
     flush_broker,
+    positive_int,
+    run_guarded,
     running_worker,
     temporary_pg_database,
     worker_env,
@@ -117,10 +115,6 @@ class Waits:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def wait_until(
@@ -536,13 +530,6 @@ def report(
 # --------------------------------------------------------------------------- main
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 def _non_negative(value: str) -> float:
     number = float(value)
     if number < 0:
@@ -556,8 +543,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m bench.priority",
         description="High jobs' queue wait under a low backlog: Conveyor's pools vs one queue.",
     )
-    parser.add_argument("--backlog", type=_positive, default=50000, help="low jobs queued first")
-    parser.add_argument("--high", type=_positive, default=100, help="high jobs measured")
+    parser.add_argument("--backlog", type=positive_int, default=50000, help="low jobs queued first")
+    parser.add_argument("--high", type=positive_int, default=100, help="high jobs measured")
     parser.add_argument(
         "--high-interval", type=_non_negative, default=0.05, help="seconds between high jobs"
     )
@@ -568,16 +555,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="seconds each low job sleeps (demo.sleep); 0: demo.echo",
     )
     parser.add_argument(
-        "--concurrency", type=_positive, default=2, help="processes per worker (2 workers a side)"
+        "--concurrency",
+        type=positive_int,
+        default=2,
+        help="processes per worker (2 workers a side)",
     )
     parser.add_argument(
         "--prefetch",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="prefetch multiplier of every worker (default: Conveyor's per-pool defaults)",
     )
     parser.add_argument("--pool", choices=("prefork", "threads", "solo"), default="prefork")
-    parser.add_argument("--batch", type=_positive, default=1000, help="backlog submit batch")
+    parser.add_argument("--batch", type=positive_int, default=1000, help="backlog submit batch")
     parser.add_argument("--loglevel", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
     parser.add_argument(
         "--broker",
@@ -585,7 +575,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="a Redis URL with a dedicated database number, FLUSHED before, between and after",
     )
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="where to create the db")
-    parser.add_argument("--warmup", type=_positive, default=8, help="warm-up jobs per worker")
+    parser.add_argument("--warmup", type=positive_int, default=8, help="warm-up jobs per worker")
     parser.add_argument("--boot-timeout", type=float, default=90.0, help="seconds")
     parser.add_argument("--enqueue-timeout", type=float, default=300.0, help="seconds per side")
     parser.add_argument(
@@ -625,40 +615,29 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the three measurements and print the table; 0 on success, 1 on a failed run."""
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    logs = Path(tempfile.mkdtemp(prefix="conveyor-bench-priority-"))
-    client = redis.Redis.from_url(opts.broker, socket_timeout=10, socket_connect_timeout=5)
     overrides: dict[str, Any] = {}
     if opts.prefetch is not None:
         overrides = {"high_prefetch": opts.prefetch, "low_prefetch": opts.prefetch}
     # The pools' prefetch defaults (or --prefetch); environment and .env are not read.
     defaults = Settings.model_construct(**overrides)
     prefetch = (defaults.pool_prefetch("high"), defaults.pool_prefetch("low"))
-    ok = False
-    started = time.monotonic()
-    try:
-        flush_broker(client)
+
+    def body(client: redis.Redis, logs: Path) -> bool:
+        started = time.monotonic()
         idle, busy, enqueue_seconds = run_conveyor(opts, prefetch, client, logs)
         flush_broker(client)
         bare = run_bare(opts, prefetch, client, logs)
         print(report(opts, prefetch, [idle, busy, bare], enqueue_seconds), flush=True)
         print(f"total run time {time.monotonic() - started:.0f}s", flush=True)
-        ok = True
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-    except Exception as error:  # a service failed under us: one line, not a traceback
-        print(f"bench: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-    finally:
-        with contextlib.suppress(redis.RedisError):
-            flush_broker(client)
-        client.close()
-        if ok and not opts.keep_logs:
-            shutil.rmtree(logs, ignore_errors=True)
-        else:
-            print(f"bench: worker logs kept in {logs}", file=sys.stderr)
-    return 0 if ok else 1
+        return True
+
+    return run_guarded(
+        opts.broker,
+        prefix="conveyor-bench-priority-",
+        keep_logs=opts.keep_logs,
+        kept="worker",
+        body=body,
+    )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,15 @@ import importlib.util
 import json
 import math
 import os
-import shutil
-import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,7 +79,8 @@ from bench.throughput import (
     PG_ADMIN_URL,
     BenchError,
     Worker,
-    flush_broker,
+    positive_int,
+    run_guarded,
     running_worker,
     temporary_pg_database,
     worker_env,
@@ -797,17 +794,6 @@ def report_breakdown(opts: Options, steps: Sequence[Step]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 def _non_negative(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -821,11 +807,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m bench.submit",
         description="Conveyor's HTTP submission rate against a bare FastAPI app.",
     )
-    parser.add_argument("--requests", type=_positive, default=2000, help="jobs per phase")
-    parser.add_argument("--batch-size", type=_positive, default=500, help="jobs per batch")
-    parser.add_argument("--clients", type=_positive, default=8, help="concurrent connections")
+    parser.add_argument("--requests", type=positive_int, default=2000, help="jobs per phase")
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="jobs per batch")
+    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent connections")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="HTTP client")
-    parser.add_argument("--rounds", type=_positive, default=1, help="repeat and show the median")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="repeat and show the median")
     parser.add_argument("--warmup", type=_non_negative, default=50, help="single requests")
     parser.add_argument("--warmup-batches", type=_non_negative, default=2, help="batches")
     parser.add_argument(
@@ -952,30 +938,19 @@ def _with_servers(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both servers, print the table; 0 on success, 1 on a failed run."""
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    logs = Path(tempfile.mkdtemp(prefix="conveyor-bench-submit-"))
-    client = redis.Redis.from_url(opts.broker, socket_timeout=10, socket_connect_timeout=5)
-    ok = False
-    try:
-        flush_broker(client)
+
+    def body(client: redis.Redis, logs: Path) -> bool:
         text_out, errors = run(opts, client, logs)
         print(text_out, flush=True)
-        ok = errors == 0
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-    except Exception as error:  # a service failed under us: one line, not a traceback
-        print(f"bench: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-    finally:
-        with contextlib.suppress(redis.RedisError):
-            flush_broker(client)
-        client.close()
-        if ok and not opts.keep_logs:
-            shutil.rmtree(logs, ignore_errors=True)
-        else:
-            print(f"bench: server logs kept in {logs}", file=sys.stderr)
-    return 0 if ok else 1
+        return errors == 0
+
+    return run_guarded(
+        opts.broker,
+        prefix="conveyor-bench-submit-",
+        keep_logs=opts.keep_logs,
+        kept="server",
+        body=body,
+    )
 
 
 if __name__ == "__main__":

@@ -504,7 +504,8 @@ def _ratio(ours: float, theirs: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
@@ -517,16 +518,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m bench.throughput",
         description="Conveyor's job throughput against bare Celery on the same broker.",
     )
-    parser.add_argument("--jobs", type=_positive, default=20000, help="jobs per side")
+    parser.add_argument("--jobs", type=positive_int, default=20000, help="jobs per side")
     parser.add_argument(
         "--broker",
         default="redis://127.0.0.1:6379/9",
         help="a Redis URL with a dedicated database number, FLUSHED before, between and after",
     )
-    parser.add_argument("--concurrency", type=_positive, default=2, help="worker pool size")
+    parser.add_argument("--concurrency", type=positive_int, default=2, help="worker pool size")
     parser.add_argument("--pool", choices=("prefork", "threads", "solo"), default="prefork")
-    parser.add_argument("--prefetch", type=_positive, default=4, help="prefetch multiplier")
-    parser.add_argument("--batch", type=_positive, default=500, help="Conveyor submit batch")
+    parser.add_argument("--prefetch", type=positive_int, default=4, help="prefetch multiplier")
+    parser.add_argument("--batch", type=positive_int, default=500, help="Conveyor submit batch")
     parser.add_argument(
         "--loglevel",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -560,22 +561,23 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run both sides and print the table; 0 on success, 1 on a failed run."""
-    opts = parse_args(argv)
+def run_guarded(
+    broker: str,
+    *,
+    prefix: str,
+    keep_logs: bool,
+    kept: str,
+    body: Callable[[redis.Redis, Path], bool],
+) -> int:
+    """Run a benchmark body with its broker db flushed before and after, and its logs in a
+    temporary folder kept on failure; every failure is one line. 0 on success, else 1."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    logs = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-    client = redis.Redis.from_url(opts.broker, socket_timeout=10, socket_connect_timeout=5)
+    logs = Path(tempfile.mkdtemp(prefix=prefix))
+    client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
     ok = False
     try:
         flush_broker(client)
-        print(f"(a) bare Celery: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
-        bare = run_bare(opts, client, logs)
-        flush_broker(client)
-        print(f"(b) Conveyor: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
-        conveyor = run_conveyor(opts, logs)
-        print(report(opts, bare, conveyor), flush=True)
-        ok = True
+        ok = body(client, logs)
     except BenchError as error:
         print(f"bench: {error}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -586,11 +588,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(redis.RedisError):
             flush_broker(client)
         client.close()
-        if ok and not opts.keep_logs:
+        if ok and not keep_logs:
             shutil.rmtree(logs, ignore_errors=True)
         else:
-            print(f"bench: worker logs kept in {logs}", file=sys.stderr)
+            print(f"bench: {kept} logs kept in {logs}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both sides and print the table; 0 on success, 1 on a failed run."""
+    opts = parse_args(argv)
+
+    def body(client: redis.Redis, logs: Path) -> bool:
+        print(f"(a) bare Celery: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
+        bare = run_bare(opts, client, logs)
+        flush_broker(client)
+        print(f"(b) Conveyor: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
+        conveyor = run_conveyor(opts, logs)
+        print(report(opts, bare, conveyor), flush=True)
+        return True
+
+    return run_guarded(
+        opts.broker, prefix="conveyor-bench-", keep_logs=opts.keep_logs, kept="worker", body=body
+    )
 
 
 if __name__ == "__main__":
