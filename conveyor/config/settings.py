@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # broker's) or, with neither, in the job store.
     limits: dict[str, TaskLimits] = Field(default_factory=dict)
     limiter_url: str | None = None
+    # A worker takes a rate-limit slot at most this far ahead and waits for it in place;
+    # when every slot that near is taken, the job is deferred until one frees up.
+    rate_horizon_seconds: float = Field(default=1.0, gt=0, le=60)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

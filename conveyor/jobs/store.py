@@ -874,7 +874,8 @@ def defer(
 ) -> Job | None:
     """queued → scheduled until `run_after`: the job is over a flow-control limit.
 
-    It does not fail and uses no attempt; `slot_at` keeps a reserved rate-limit slot.
+    It does not fail and uses no attempt. `slot_at` is set while it waits for a rate
+    limit (the time its limit is expected to have room), None for other waits.
     """
     now = now or utcnow()
     values: dict[str, Any] = {
@@ -882,9 +883,8 @@ def defer(
         "run_after": run_after,
         "published_at": None,
         "updated_at": now,
+        "slot_at": slot_at,
     }
-    if slot_at is not None:
-        values["slot_at"] = slot_at
     job = _transition(session, job_id, [jobs.c.state == JobState.QUEUED.value], values)
     if job is not None:
         _event(

@@ -24,6 +24,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -105,7 +106,8 @@ jobs = Table(
     # Set on jobs a schedule created: one job per (schedule, tick), whoever fires it.
     Column("schedule_id", Uuid(), nullable=True),
     Column("schedule_tick", UTCDateTime(), nullable=True),
-    # Flow control: the key a task type's limits count by, and a reserved start slot.
+    # Flow control: the key a task type's limits count by, and, while a job waits for a
+    # rate limit, when that limit is expected to have room.
     Column("limit_key", String(200), nullable=True),
     Column("slot_at", UTCDateTime(), nullable=True),
     CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
@@ -216,6 +218,32 @@ job_rollups = Table(
     Column("run_histogram", JSONType, nullable=False),
     Column("wait_histogram", JSONType, nullable=False),
     Index("ix_job_rollups_minute", "minute"),
+)
+
+# Episodes of a task type's signal (failure rate, run or wait p95) departing from its own
+# recent baseline: open while ended_at is null, at most one open per tenant, task and signal.
+anomalies = Table(
+    "anomalies",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("task", String(200), nullable=False),
+    Column("signal", String(32), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False),
+    Column("ended_at", UTCDateTime(), nullable=True),
+    Column("value", Float, nullable=False),
+    Column("baseline", Float, nullable=False),
+    Column("score", Float, nullable=False),
+    Index(
+        "uq_anomalies_open",
+        "tenant",
+        "task",
+        "signal",
+        unique=True,
+        postgresql_where=text("ended_at IS NULL"),
+        sqlite_where=text("ended_at IS NULL"),
+    ),
 )
 
 # The theoretical arrival time of each rate limit (GCRA) kept in the store, used when

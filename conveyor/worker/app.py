@@ -97,6 +97,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         limits=settings.limits,
         fast_path=FastPath(settings.database_url) if not settings.is_sqlite else None,
         limiter=limiter_for(settings) if settings.limits else None,
+        rate_horizon=settings.rate_horizon_seconds,
     )
 
     @worker_shutting_down.connect(weak=False)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import random
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -30,8 +31,15 @@ from conveyor.worker.limiter import Limiter, limit_key
 
 log = logging.getLogger(__name__)
 
-# A reserved slot this close is taken as now: deferring for less is not worth a round trip.
-SLOT_SLACK = dt.timedelta(milliseconds=20)
+# A reserved slot this close is taken as now: waiting for less is not worth it.
+SLOT_SLACK = dt.timedelta(milliseconds=2)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A rate-limit slot this delivery holds: it claims the job once `at` comes."""
+
+    at: dt.datetime
 
 
 @dataclass
@@ -85,7 +93,7 @@ class Outcome:
     """What happened to one delivery, for logs, metrics and tests."""
 
     job_id: uuid.UUID
-    action: str  # ran-succeeded | ran-retrying | ran-dead | ran-lost | dropped
+    action: str  # ran-succeeded | ran-retrying | ran-dead | ran-lost | dropped | deferred
     state: JobState | None
     retry_in: float | None = None
 
@@ -108,6 +116,7 @@ class Executor:
         limits: dict[str, TaskLimits] | None = None,
         limiter: Limiter | None = None,
         fast_path: FastPath | None = None,
+        rate_horizon: float = 1.0,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -118,6 +127,7 @@ class Executor:
         self._limits = limits or {}
         self._fast_path = fast_path
         self._limiter = limiter
+        self._rate_horizon = rate_horizon
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
@@ -168,45 +178,63 @@ class Executor:
         job_id: uuid.UUID,
         worker: str,
     ) -> Job | Outcome:
-        # A deferred job stays unpublished in the store; the relay publishes it when its
-        # slot comes, so slots are kept to the relay's tick whatever the broker.
+        # A rate-limit slot is waited for outside any transaction (no lock is held while
+        # waiting); the claim that follows does not reserve again.
         with sessions.begin() as session:
-            taken = self._take(session, job_id, worker)
+            taken = self._claim_in(session, job_id, worker, holds_slot=False)
+        if not isinstance(taken, _Slot):
+            return taken
+        pause = (taken.at - store.utcnow()).total_seconds()
+        if pause > 0:
+            time.sleep(pause)
+        with sessions.begin() as session:
+            claimed = self._claim_in(session, job_id, worker, holds_slot=True)
+        assert not isinstance(claimed, _Slot)
+        return claimed
+
+    def _claim_in(
+        self, session: Session, job_id: uuid.UUID, worker: str, *, holds_slot: bool
+    ) -> Job | Outcome | _Slot:
+        taken = self._take(session, job_id, worker, holds_slot)
+        if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
+            return taken
+        current = store.get_job(session, job_id)
+        assert current is not None
+        expired = (
+            current.state == JobState.RUNNING
+            and current.lease_expires_at is not None
+            and current.lease_expires_at < store.utcnow()
+        )
+        waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
+        if (expired and store.rescue(session, job_id) is not None) or (
+            waiting and store.promote(session, job_id) is not None
+        ):
+            # Its last worker is gone, or its time has come: this delivery takes it.
+            taken = self._take(session, job_id, worker, holds_slot)
             if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
                 return taken
             current = store.get_job(session, job_id)
             assert current is not None
-            expired = (
-                current.state == JobState.RUNNING
-                and current.lease_expires_at is not None
-                and current.lease_expires_at < store.utcnow()
-            )
-            waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
-            if (expired and store.rescue(session, job_id) is not None) or (
-                waiting and store.promote(session, job_id) is not None
-            ):
-                # Its last worker is gone, or its time has come: this delivery takes it.
-                taken = self._take(session, job_id, worker)
-                if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
-                    return taken
-                current = store.get_job(session, job_id)
-                assert current is not None
-            if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:
-                # A message that keeps killing its worker ends here, counted in the store.
-                return self._exhausted(session, current, worker)
-            store.record_dropped_delivery(
-                session, current, worker=worker, reason=f"job is {current.state.value}"
-            )
-            return Outcome(job_id, "dropped", current.state)
+        if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:
+            # A message that keeps killing its worker ends here, counted in the store.
+            return self._exhausted(session, current, worker)
+        store.record_dropped_delivery(
+            session, current, worker=worker, reason=f"job is {current.state.value}"
+        )
+        return Outcome(job_id, "dropped", current.state)
 
-    def _take(self, session: Session, job_id: uuid.UUID, worker: str) -> Job | Outcome:
-        """Claim a queued job through its limits: the running job, a deferral, or the row."""
+    def _take(
+        self, session: Session, job_id: uuid.UUID, worker: str, holds_slot: bool
+    ) -> Job | Outcome | _Slot:
+        """Claim a queued job through its limits: the running job, a wait, or the row."""
         limit_key = None
         if self._limits:
-            gate = self._gate(session, job_id)
+            gate = self._gate(session, job_id, holds_slot)
             if isinstance(gate, Job):
-                # Over a limit: the job waits for its slot and is published when due.
+                # Over a limit: the job waits in the store and is published when due.
                 return Outcome(job_id, "deferred", JobState.SCHEDULED)
+            if isinstance(gate, _Slot):
+                return gate
             limit_key = gate
         job = store.claim(
             session, job_id, worker=worker, lease_seconds=self._lease_seconds, limit_key=limit_key
@@ -216,8 +244,10 @@ class Executor:
         current = store.get_job(session, job_id)
         return Outcome(job_id, "dropped", None) if current is None else current
 
-    def _gate(self, session: Session, job_id: uuid.UUID) -> Job | str | None:
-        """Apply the job's flow-control limits: its limit key, or the job deferred."""
+    def _gate(
+        self, session: Session, job_id: uuid.UUID, holds_slot: bool
+    ) -> Job | _Slot | str | None:
+        """Apply the job's limits: its limit key, a slot to wait for, or the job deferred."""
         current = store.get_job(session, job_id)
         if current is None or current.state != JobState.QUEUED:
             return None
@@ -231,22 +261,23 @@ class Executor:
             if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
                 wait = dt.timedelta(seconds=random.uniform(0.3, 0.8))
                 return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
-        if current.slot_at is not None:
-            # The job holds a slot already: it never takes a second one. Delivered early
-            # (a countdown fires a little ahead), it waits for its own slot again.
-            if current.slot_at > now + SLOT_SLACK:
-                return store.defer(session, job_id, run_after=current.slot_at, reason="rate")
+        if holds_slot or self._limiter is None or not (spec.rate or spec.key_rate):
             return key
-        if self._limiter is not None and (spec.rate or spec.key_rate):
-            start = now
-            if spec.rate:
-                start = max(start, self._limiter.reserve(session, current.task, 1 / spec.rate))
-            if spec.key_rate and key is not None:
-                slot = self._limiter.reserve(session, f"{current.task}|{key}", 1 / spec.key_rate)
-                start = max(start, slot)
-            if start > now + SLOT_SLACK:
-                return store.defer(session, job_id, run_after=start, slot_at=start, reason="rate")
-        return key
+        start = now
+        names = []
+        if spec.rate:
+            names.append((current.task, 1 / spec.rate))
+        if spec.key_rate and key is not None:
+            names.append((f"{current.task}|{key}", 1 / spec.key_rate))
+        for name, interval in names:
+            answer = self._limiter.reserve(session, name, interval, self._rate_horizon)
+            if not answer.taken:
+                # Every slot that near is taken: come back when the limit has room.
+                return store.defer(
+                    session, job_id, run_after=answer.at, slot_at=answer.at, reason="rate"
+                )
+            start = max(start, answer.at)
+        return _Slot(start) if start > now + SLOT_SLACK else key
 
     @staticmethod
     def _exhausted(session: Session, job: Job, worker: str) -> Outcome:

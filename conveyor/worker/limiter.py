@@ -1,16 +1,20 @@
 """Flow control at delivery: global and per-key rate limits, per-key concurrency limits.
 
 Rate limits are GCRA reservations: each start reserves the next free slot of its limit,
-so starts are spaced exactly 1/rate apart across every worker and machine. A job whose
-slot lies ahead is deferred to it (`scheduled`), keeping the slot; it neither fails nor
-uses an attempt. Slots live in Redis (one atomic script) or, without Redis, in a row of
-the job store updated under a row lock.
+so starts are spaced exactly 1/rate apart across every worker and machine. A slot is
+taken only when it lies within a short horizon; the worker that took it waits for it
+and then starts the job, so starts keep the limit's pace to the millisecond. When every
+slot within the horizon is taken, the job is deferred (`scheduled`) to when the limit
+will have room again, without a slot; it neither fails nor uses an attempt. Slots live
+in Redis (one atomic script) or, without Redis, in a row of the job store updated under
+a row lock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -25,18 +29,28 @@ RESERVE = """
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
 if tat < now then tat = now end
+if tat - now > horizon then return {0, tostring(tat - horizon)} end
 local ttl = math.ceil((tat + interval - now) * 1000) + 60000
 redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
-return tostring(tat)
+return {1, tostring(tat)}
 """
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A rate limit's answer: a slot at `at` (taken), or no slot before `at`."""
+
+    taken: bool
+    at: dt.datetime
 
 
 class Limiter(Protocol):
     """Reserves the next start slot of a named rate limit."""
 
-    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
-        """The time this start may happen at; later starts get later slots."""
+    def reserve(self, session: Session, name: str, interval: float, horizon: float) -> Reservation:
+        """The next slot if it lies within `horizon` seconds, else when to ask again."""
         ...
 
 
@@ -47,33 +61,38 @@ class RedisLimiter:
         self._client = redis.Redis.from_url(url, socket_timeout=2)
         self._script = self._client.register_script(RESERVE)
 
-    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
+    def reserve(self, session: Session, name: str, interval: float, horizon: float) -> Reservation:
         """Reserve in Redis; the session is not used."""
-        start = float(self._script(keys=[f"conveyor:rate:{name}"], args=[time.time(), interval]))
-        return dt.datetime.fromtimestamp(start, dt.UTC)
+        taken, at = self._script(
+            keys=[f"conveyor:rate:{name}"], args=[time.time(), interval, horizon]
+        )
+        return Reservation(bool(int(taken)), dt.datetime.fromtimestamp(float(at), dt.UTC))
 
 
 class StoreLimiter:
-    """GCRA slots in the job store, under a row lock held until the claim commits."""
+    """GCRA slots in the job store, under a row lock held until the reservation commits."""
 
-    def reserve(self, session: Session, name: str, interval: float) -> dt.datetime:
+    def reserve(self, session: Session, name: str, interval: float, horizon: float) -> Reservation:
         """Reserve in the caller's transaction."""
         now = dt.datetime.now(dt.UTC)
         step = dt.timedelta(seconds=interval)
+        ahead = dt.timedelta(seconds=horizon)
         for _ in range(3):
             row = session.execute(
                 select(rate_limits.c.tat).where(rate_limits.c.name == name).with_for_update()
             ).first()
             if row is not None:
                 start: dt.datetime = max(row.tat, now)
+                if start - now > ahead:
+                    return Reservation(False, start - ahead)
                 session.execute(
                     update(rate_limits).where(rate_limits.c.name == name).values(tat=start + step)
                 )
-                return start
+                return Reservation(True, start)
             try:
                 with session.begin_nested():
                     session.execute(insert(rate_limits), {"name": name, "tat": now + step})
-                return now
+                return Reservation(True, now)
             except IntegrityError:
                 continue
         raise RuntimeError(f"could not reserve a slot of {name}")

@@ -1,4 +1,4 @@
-"""Flow control with real workers: a per-key concurrency limit holds across workers."""
+"""Flow control with real workers: global rate limits and per-key concurrency across workers."""
 
 from __future__ import annotations
 
@@ -55,6 +55,50 @@ def concurrency_cluster(
         tmp_path,
         {"demo.sleep": {"key": "tag:customer:", "concurrency": 1}},
     )
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def rate_cluster(
+    request: pytest.FixtureRequest, pg_engine: Engine, pg_url: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    # Redis as broker: slots in Redis. RabbitMQ as broker: slots in the job store.
+    yield from limited_cluster(
+        request,
+        pg_engine,
+        pg_url,
+        BROKERS[request.param],
+        tmp_path,
+        {"demo.echo": {"rate": RATE}},
+    )
+
+
+RATE = 20
+WINDOW = 30.0
+
+
+def test_a_global_rate_limit_holds_across_two_workers(rate_cluster: Cluster) -> None:
+    assert rate_cluster.client is not None
+    # More than the window can start, so the limit binds from the first start to the last.
+    total = int(RATE * WINDOW * 1.2)
+    body = {"jobs": [{"task": "demo.echo", "payload": {"n": n}} for n in range(total)]}
+    response = rate_cluster.client.post("/v1/jobs/batch", json=body, headers=rate_cluster.headers())
+    assert response.status_code == 202
+    states = rate_cluster.wait_all_finished(total, timeout=WINDOW * 1.2 + 60)
+    assert states == {"succeeded": total}
+    with rate_cluster.engine.connect() as conn:
+        starts = sorted(t for (t,) in conn.execute(select(jobs.c.started_at)).all())
+    first = starts[0]
+    window = [(t - first).total_seconds() for t in starts]
+    in_window = sum(1 for t in window if t < WINDOW)
+    rate = in_window / WINDOW
+    per_5s = [sum(1 for t in window if k <= t < k + 5) / 5 for k in range(0, int(WINDOW), 5)]
+    print(
+        f"\n{total} jobs, limit {RATE}/s: {in_window} starts in the first {WINDOW:.0f} s "
+        f"= {rate:.2f}/s; per 5 s: {per_5s}; all {total} succeeded"
+    )
+    assert abs(rate - RATE) <= RATE * 0.1
+    # Not only on average: no 5-second stretch runs over the limit by more than 10%.
+    assert max(per_5s) <= RATE * 1.1
 
 
 def test_a_per_key_concurrency_limit_never_overlaps(concurrency_cluster: Cluster) -> None:
