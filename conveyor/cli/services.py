@@ -78,7 +78,7 @@ def beat(settings: Settings) -> None:
 
 
 def flower(settings: Settings) -> None:
-    """Flower on the same broker; refuses to start without credentials."""
+    """Flower on the same broker; refuses to start without both credentials."""
     if not settings.flower_user or not settings.flower_password:
         fail(
             "Flower needs CONVEYOR_FLOWER_USER and CONVEYOR_FLOWER_PASSWORD; "
@@ -89,11 +89,32 @@ def flower(settings: Settings) -> None:
     if ":" in settings.flower_user:
         fail("invalid setting CONVEYOR_FLOWER_USER: must not contain ':'")
     platform = build_platform(settings)
-    # Credentials go through the environment, never the process list.
-    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password}"
+    _pin_flower_auth(settings.flower_user, settings.flower_password)
     platform.celery.start(
-        ["flower", f"--port={settings.flower_port}", f"--address={settings.api_host}"]
+        [
+            "flower",
+            f"--port={settings.flower_port}",
+            f"--address={settings.api_host}",
+            # No flowerconfig.py from the working directory: it could replace the auth.
+            f"--conf={os.devnull}",
+            # Tornado keeps its hands off logging, so CONVEYOR_LOG_LEVEL holds here too.
+            "--logging=none",
+        ]
     )
+
+
+def _pin_flower_auth(user: str, password: str) -> None:
+    """Give Flower exactly one credential, set in this process and never in argv.
+
+    Flower splits FLOWER_BASIC_AUTH at commas, so a password holding one would turn its
+    pieces into credentials of their own; an inherited value would replace ours.
+    """
+    import flower.options  # noqa: F401  (declares Flower's options, basic_auth among them)
+    from tornado.options import options
+
+    for name in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"):
+        os.environ.pop(name, None)
+    options.basic_auth = [f"{user}:{password}"]
 
 
 def migrate(settings: Settings) -> None:
