@@ -30,7 +30,7 @@ def _truncate(engine: Engine) -> None:
         conn.execute(
             text(
                 "TRUNCATE job_events, jobs, api_keys, schedules, leases, marks, job_rollups,"
-                " rate_limits"
+                " rate_limits, anomalies"
             )
         )
 

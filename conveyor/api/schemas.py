@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from conveyor.jobs.anomalies import Episode, Signal
 from conveyor.jobs.models import Job, JobEvent
 from conveyor.jobs.states import JobState, Priority
 
@@ -172,6 +173,39 @@ class TaskTypesOut(BaseModel):
     """Every registered task type."""
 
     items: list[TaskTypeOut]
+
+
+class AnomalyOut(BaseModel):
+    """A task type's signal out of its own recent baseline, for as long as it stays out."""
+
+    task: str
+    signal: Signal = Field(
+        description="failure_rate (dead over succeeded and dead), run_p95 or wait_p95 (seconds)"
+    )
+    value: float = Field(description="The signal over the latest window")
+    baseline: float = Field(description="The median of the signal over the recent baseline")
+    score: float = Field(description="Robust z-score of the value against the baseline")
+    started_at: dt.datetime
+    last_seen_at: dt.datetime
+
+    @classmethod
+    def of(cls, episode: Episode) -> AnomalyOut:
+        """The public view of an open episode."""
+        return cls(
+            task=episode.task,
+            signal=episode.signal,
+            value=round(episode.value, 6),
+            baseline=round(episode.baseline, 6),
+            score=round(episode.score, 2),
+            started_at=episode.started_at,
+            last_seen_at=episode.last_seen_at,
+        )
+
+
+class AnomaliesOut(BaseModel):
+    """The tenant's task types out of their baseline now, by task type and signal."""
+
+    items: list[AnomalyOut]
 
 
 class ProblemOut(BaseModel):

@@ -1,20 +1,27 @@
-"""Bodies of the periodic maintenance tasks: stats rollups and retention."""
+"""Bodies of the periodic maintenance tasks: stats rollups, anomaly detection, retention."""
 
 from __future__ import annotations
 
 import logging
 
 from conveyor.config import Settings
-from conveyor.jobs import retention, rollups, store
+from conveyor.jobs import anomalies, retention, rollups, store
 from conveyor.worker.runtime import StoreHandle
 
 log = logging.getLogger(__name__)
 
 
 def aggregate_once(handle: StoreHandle) -> int:
-    """Roll up the complete minutes finished since the last run; returns rows written."""
+    """Roll up the complete minutes finished since the last run, then look for anomalies.
+
+    Returns the rollup rows written. Detection has a transaction of its own, after the
+    rollups are committed.
+    """
     with handle.sessions().begin() as session:
-        return rollups.aggregate(session, now=store.utcnow())
+        written = rollups.aggregate(session, now=store.utcnow())
+    with handle.sessions().begin() as session:
+        anomalies.detect(session, now=store.utcnow())
+    return written
 
 
 def cleanup_once(handle: StoreHandle, settings: Settings) -> dict[str, int]:

@@ -26,7 +26,7 @@ from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import metadata
 from tests.support import temporary_pg_database
 
-TABLES = {"jobs", "job_events", "api_keys"}
+TABLES = {"jobs", "job_events", "api_keys", "job_rollups", "anomalies"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

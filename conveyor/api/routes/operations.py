@@ -1,4 +1,4 @@
-"""/v1/queues and /v1/stats: what operators watch."""
+"""/v1/queues, /v1/stats and /v1/stats/anomalies: what operators watch."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pydantic import BaseModel, Field
 from conveyor.api.deps import Reader, State
 from conveyor.api.problems import Problem
 from conveyor.api.routes.jobs import PROBLEMS
+from conveyor.api.schemas import AnomaliesOut, AnomalyOut
 from conveyor.config import POOLS
-from conveyor.jobs import rollups, store
+from conveyor.jobs import anomalies, rollups, store
 from conveyor.jobs.quantiles import Quantiles
 from conveyor.jobs.states import JobState
 
@@ -121,6 +122,14 @@ def parse_window(text: str) -> int:
 def percentiles(quantiles: Quantiles) -> Percentiles:
     """The API's shape of p50/p95/p99."""
     return Percentiles(p50=quantiles.p50, p95=quantiles.p95, p99=quantiles.p99)
+
+
+@router.get("/stats/anomalies", response_model=AnomaliesOut, responses=PROBLEMS)
+def stats_anomalies(key: Reader, state: State) -> AnomaliesOut:
+    """The tenant's task types whose failure rate, run p95 or wait p95 is out of baseline now."""
+    with state.sessions() as session:
+        found = anomalies.open_episodes(session, tenant=key.tenant)
+    return AnomaliesOut(items=[AnomalyOut.of(episode) for episode in found])
 
 
 @router.get("/stats", response_model=StatsOut, responses=PROBLEMS)
