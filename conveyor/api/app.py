@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from conveyor import __version__
-from conveyor.api import problems
+from conveyor.api import problems, telemetry
 from conveyor.api.limits import BodySizeLimit
 from conveyor.api.routes import (
     dead_letters,
@@ -16,6 +17,8 @@ from conveyor.api.routes import (
     task_types,
 )
 from conveyor.api.state import ApiState
+from conveyor.api.telemetry import Telemetry, state_reader
+from conveyor.observability.metrics import StateCollector
 
 
 def create_app(state: ApiState) -> FastAPI:
@@ -33,5 +36,11 @@ def create_app(state: ApiState) -> FastAPI:
     app.include_router(operations.router)
     app.include_router(schedules.router)
     app.include_router(health.router)
+    app.include_router(telemetry.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
+    # Outermost: even a request refused for its size is counted and logged.
+    app.add_middleware(Telemetry)
+    # Gauges of shared state, read when /metrics is scraped; one registry per app.
+    app.state.conveyor_gauges = CollectorRegistry(auto_describe=True)
+    app.state.conveyor_gauges.register(StateCollector(lambda: state_reader(state)))
     return app

@@ -19,6 +19,7 @@ from celery import beat
 
 from conveyor.jobs import leader, outbox, schedules, store
 from conveyor.jobs.models import Job
+from conveyor.observability import metrics, tracing
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
 
@@ -40,6 +41,7 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
         """Renew (or try to take) the lease; as leader, fire what is due."""
         app = self.app
         settings = app.conveyor_settings
+        metrics.BEAT_TICKS.inc()
         sessions = app.conveyor_store.sessions()
         try:
             with sessions.begin() as session:
@@ -47,10 +49,12 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
         except Exception as error:  # the store is away: stop acting until it answers
             log.warning("beat cannot reach the job store: %s", error)
             self.leading = False
+            metrics.BEAT_LEADER.set(0)
             return TICK_SECONDS
         if leading != self.leading:
             log.warning("beat %s %s", self.holder, "leads" if leading else "stands by")
             self.leading = leading
+        metrics.BEAT_LEADER.set(1 if leading else 0)
         if not leading:
             return TICK_SECONDS
         try:
@@ -90,15 +94,26 @@ def fire_due(app: Any, *, misfire_grace_seconds: float) -> list[Job]:
                 payload=schedule.payload,
                 priority=schedule.priority,
             )
+            # Each run is a trace of its own.
             new_jobs = [
-                replace(template, id=uuid.uuid4(), schedule_id=schedule.id, schedule_tick=tick)
+                replace(
+                    template,
+                    id=uuid.uuid4(),
+                    schedule_id=schedule.id,
+                    schedule_tick=tick,
+                    traceparent=tracing.new_traceparent(),
+                )
                 for tick in ticks
             ]
         except Exception as error:  # the task type went away or its schema changed
             log.warning("schedule %s/%s cannot fire: %s", schedule.tenant, schedule.name, error)
             new_jobs = []
         with sessions.begin() as session:
-            created += schedules.fire(session, schedule, new_jobs, following, now=now)
+            fired = schedules.fire(session, schedule, new_jobs, following, now=now)
+        if fired:
+            metrics.count_submitted(fired)
+            metrics.SCHEDULE_FIRED.labels(f"{schedule.tenant}/{schedule.name}").inc(len(fired))
+        created += fired
     if created:
         outbox.publish_recorded(sessions, app.conveyor_publisher, created)
     return created

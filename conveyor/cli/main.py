@@ -158,13 +158,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `conveyor` command."""
     args = build_parser().parse_args(argv)
     settings = settings_or_exit()
+    if args.command == "worker":
+        # Before prometheus_client is imported: its prefork children count into files.
+        from conveyor.observability import multiproc
+
+        multiproc.enable()
     from sqlalchemy.exc import SQLAlchemyError
 
     from conveyor.cli import commands, services, up
     from conveyor.cli.wiring import setup_logging
     from conveyor.jobs.keys import SCOPES
 
-    setup_logging(settings)
+    setup_logging(settings, service=f"conveyor-{args.command}")
 
     try:
         match args.command:

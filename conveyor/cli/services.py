@@ -11,12 +11,16 @@ from conveyor.api.app import create_app
 from conveyor.cli.errors import CommandError, fail
 from conveyor.cli.wiring import build_platform, run_migrations
 from conveyor.config import RUN_TASK, Settings
+from conveyor.observability import logs, metrics, tracing
 from conveyor.worker import timecap
+
+log = logs.get(__name__)
 
 
 def api(settings: Settings) -> None:
     """Serve the HTTP API."""
     platform = build_platform(settings, pool_size=20)
+    tracing.setup(settings.otlp_endpoint, "conveyor-api")
     uvicorn.run(
         create_app(platform.api_state()),
         host=settings.api_host,
@@ -66,6 +70,10 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         argv += ["--soft-time-limit", str(cap)]
         argv += ["--time-limit", str(cap + timecap.HARD_LIMIT_GRACE_SECONDS)]
         platform.celery.tasks[RUN_TASK].Request = timecap.capped_request_class(cap)
+    tracing.setup(settings.otlp_endpoint, "conveyor-worker")
+    serve_metrics(settings)
+    for queue in queues:
+        metrics.WORKER_CONSUMING.labels(queue).set(1)
     platform.celery.worker_main(argv)
 
 
@@ -74,7 +82,24 @@ def beat(settings: Settings) -> None:
     if settings.embedded:
         fail("a separate beat needs CONVEYOR_BROKER_URL; `conveyor up` runs it embedded")
     platform = build_platform(settings)
+    tracing.setup(settings.otlp_endpoint, "conveyor-beat")
+    serve_metrics(settings)
+    metrics.BEAT_LEADER.set(0)
     platform.celery.Beat(loglevel=settings.log_level, max_interval=1).run()
+
+
+def serve_metrics(settings: Settings) -> None:
+    """This process's Prometheus port; a port in use costs the metrics, not the process."""
+    try:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+    except OSError as error:
+        log.warning(
+            "metrics port %s:%s unavailable (%s); set CONVEYOR_METRICS_PORT to another "
+            "port, or 0 for none",
+            settings.metrics_host,
+            settings.metrics_port,
+            error.strerror,
+        )
 
 
 def flower(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conveyor.api.app import create_app
 from conveyor.cli.wiring import Platform, build_platform, run_migrations, sessions_for
 from conveyor.config import POOLS, Settings
 from conveyor.jobs import keys
+from conveyor.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,12 @@ def run_embedded(settings: Settings) -> None:
     run_migrations(settings)
     key = create_admin_key(settings)
     platform = build_platform(settings, pool_size=20)
+    # One process: the API's /metrics shows the workers' and beat's metrics too.
+    tracing.setup(settings.otlp_endpoint, "conveyor")
     workers = EmbeddedWorkers(platform)
     workers.start()
+    for pool in POOLS:
+        metrics.WORKER_CONSUMING.labels(pool).set(1)
     from celery.beat import EmbeddedService
 
     beat = EmbeddedService(
@@ -126,13 +132,14 @@ class Child:
 
     name: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
         """Start (or restart) the process."""
-        self.process = subprocess.Popen(self.argv)
+        self.process = subprocess.Popen(self.argv, env={**os.environ, **self.env})
         self.started_at = time.monotonic()
 
 
@@ -142,6 +149,10 @@ def child_commands(settings: Settings) -> list[Child]:
     children = [Child("api", [*conveyor, "api"])]
     children += [Child(f"worker-{pool}", [*conveyor, "worker", "--pool", pool]) for pool in POOLS]
     children.append(Child("beat", [*conveyor, "beat"]))
+    if settings.metrics_port:
+        # One machine: each worker and beat gets its own metrics port, in this order.
+        for offset, child in enumerate(children[1:]):
+            child.env["CONVEYOR_METRICS_PORT"] = str(settings.metrics_port + offset)
     if settings.flower_user and settings.flower_password:
         children.append(Child("flower", [*conveyor, "flower"]))
     return children

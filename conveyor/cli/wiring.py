@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from celery import Celery
@@ -14,18 +13,16 @@ from conveyor.cli.errors import CommandError
 from conveyor.config import Settings
 from conveyor.jobs import migrate
 from conveyor.jobs.db import make_engine, make_session_factory
+from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
 
 
-def setup_logging(settings: Settings) -> None:
-    """Plain logs to stderr at the configured level."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+def setup_logging(settings: Settings, service: str = "conveyor") -> None:
+    """Structured logs to stderr at the configured level (see observability.logs)."""
+    logs.setup(settings.log_level, settings.log_format, service)
 
 
 @dataclass

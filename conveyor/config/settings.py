@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     rate_horizon_seconds: float = Field(default=1.0, gt=0, le=60)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # auto: JSON lines, or readable lines when stderr is a terminal.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Prometheus port of a worker or beat process (the API serves /metrics on its own
+    # port). `conveyor up` gives its processes this port and the ones after it. 0: none.
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # OTLP over HTTP, e.g. http://127.0.0.1:4318: traces are exported there. Unset: no
+    # spans are recorded (trace ids from callers still reach the logs).
+    otlp_endpoint: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -149,6 +158,13 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "amqp://", "amqps://", "memory://")):
             raise ValueError("must be a redis://, amqp:// or memory:// URL")
         return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value.rstrip("/") if value else None
 
     @field_validator("high_autoscale_min", "default_autoscale_min", "low_autoscale_min")
     @classmethod

@@ -30,6 +30,8 @@ class NewJob:
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     schedule_id: uuid.UUID | None = None
     schedule_tick: dt.datetime | None = None
+    traceparent: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class Job:
     updated_at: dt.datetime
     limit_key: str | None = None
     slot_at: dt.datetime | None = None
+    traceparent: str | None = None
+    request_id: str | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Job:

@@ -107,6 +107,8 @@ def _new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
         "updated_at": now,
         "schedule_id": new.schedule_id,
         "schedule_tick": new.schedule_tick,
+        "traceparent": new.traceparent,
+        "request_id": new.request_id,
     }
 
 
@@ -861,6 +863,31 @@ def counts_by_queue(session: Session, *, tenant: str | None = None) -> dict[str,
     for queue, count in session.execute(limited.group_by(jobs.c.queue)).all():
         counts.setdefault(queue, {})["rate_limited"] = int(count)
     return counts
+
+
+def dead_counts_by_task(session: Session) -> dict[str, int]:
+    """Dead jobs kept in the store, per task type (every tenant)."""
+    statement = (
+        select(jobs.c.task, func.count())
+        .where(jobs.c.state == JobState.DEAD.value)
+        .group_by(jobs.c.task)
+    )
+    return {task: int(count) for task, count in session.execute(statement).all()}
+
+
+def oldest_queued_by_queue(session: Session) -> dict[str, dt.datetime]:
+    """When the oldest queued job of each queue became due."""
+    due = func.coalesce(jobs.c.scheduled_at, jobs.c.created_at)
+    statement = (
+        select(jobs.c.queue, func.min(due))
+        .where(jobs.c.state == JobState.QUEUED.value)
+        .group_by(jobs.c.queue)
+    )
+    found = {}
+    for queue, at in session.execute(statement).all():
+        if at is not None:
+            found[queue] = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+    return found
 
 
 def defer(

@@ -110,6 +110,9 @@ jobs = Table(
     # rate limit, when that limit is expected to have room.
     Column("limit_key", String(200), nullable=True),
     Column("slot_at", UTCDateTime(), nullable=True),
+    # Where the job came from: its W3C traceparent and the API request's id.
+    Column("traceparent", String(100), nullable=True),
+    Column("request_id", String(100), nullable=True),
     CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
     CheckConstraint(_in("priority", {p.value for p in Priority}), name="priority_known"),
     CheckConstraint(

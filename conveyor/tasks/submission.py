@@ -6,6 +6,8 @@ import datetime as dt
 from typing import Any
 
 from conveyor.jobs.models import NewJob
+from conveyor.observability import tracing
+from conveyor.observability.logs import current_request_id
 from conveyor.tasks.registry import Registry
 
 
@@ -29,6 +31,7 @@ def build_new_job(
 
     Raises UnknownTask for an unregistered task and pydantic's ValidationError for a
     payload its model refuses. The stored payload is the validated one, in JSON form.
+    The job belongs to the current trace and API request, or to a new trace.
     """
     task_type = registry.get(task)
     model = task_type.validate(payload)
@@ -47,4 +50,6 @@ def build_new_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         run_at=run_at,
+        traceparent=tracing.current_traceparent() or tracing.new_traceparent(),
+        request_id=current_request_id(),
     )

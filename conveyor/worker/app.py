@@ -13,7 +13,13 @@ from typing import Any
 import psycopg
 import redis
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import (
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutting_down,
+)
+from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from conveyor.config import (
@@ -27,6 +33,7 @@ from conveyor.config import (
 from conveyor.jobs import outbox, store
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job
+from conveyor.observability import logs, metrics, tracing
 from conveyor.tasks import registry
 from conveyor.worker.broker import queue_depths
 from conveyor.worker.execute import Executor
@@ -37,6 +44,13 @@ from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle, worker_name
 
 log = logging.getLogger(__name__)
+
+
+@setup_logging.connect(weak=False)
+def _leave_logging_alone(**_kwargs: Any) -> None:
+    """Conveyor's processes set up logging themselves (observability.logs): Celery keeps
+    its hands off the root logger, so its lines come out in the same format."""
+
 
 RELAY_TASK = "conveyor.relay"
 RESCUE_TASK = "conveyor.rescue"
@@ -110,6 +124,10 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         # A prefork child can be stopped by ending it; its pool starts another.
         leases.kill_process = True
 
+    @worker_process_shutdown.connect(weak=False)
+    def _child_ending(**_kwargs: Any) -> None:
+        tracing.flush()
+
     app.conveyor_settings = settings
     app.conveyor_store = handle
     app.conveyor_publisher = publisher
@@ -122,8 +140,26 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         except (ValueError, TypeError):
             log.error("dropping a message with a malformed job id: %r", job_id)
             return
+        request = self.request
+        parent = tracing.extract({"traceparent": getattr(request, "traceparent", None) or ""})
+        name = getattr(request, "conveyor_task", None) or "job"
         try:
-            outcome = executor.run(parsed)
+            with (
+                logs.bound(request_id=getattr(request, "conveyor_request_id", None)),
+                tracing.span(
+                    f"run {name}",
+                    kind=SpanKind.CONSUMER,
+                    parent=parent,
+                    attributes={
+                        "conveyor.job_id": job_id,
+                        "messaging.destination.name": str(
+                            (request.delivery_info or {}).get("routing_key") or ""
+                        ),
+                    },
+                ) as span,
+            ):
+                outcome = executor.run(parsed)
+                span.set_attribute("conveyor.outcome", outcome.action)
         except (OperationalError, InterfaceError, psycopg.OperationalError) as error:
             # The store is away: send the message round again rather than lose it.
             retries = self.request.retries
@@ -248,6 +284,8 @@ def rescue_once(handle: StoreHandle, publisher: CeleryPublisher, limit: int = 50
             job = store.rescue(session, job_id)
             if job is not None and job.state.value == "queued":
                 requeued.append(job)
+            elif job is not None and job.state.value == "dead":
+                metrics.JOBS_FINISHED.labels(job.task, job.queue, "dead").inc()
     if requeued:
         log.warning("rescued %d jobs whose worker stopped responding", len(requeued))
         outbox.publish_recorded(sessions, publisher, requeued)

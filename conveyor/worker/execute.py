@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import logging
 import random
 import threading
 import time
@@ -24,12 +23,13 @@ from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import jobs as jobs_table
+from conveyor.observability import logs, metrics, tracing
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
 from conveyor.worker.limiter import Limiter, limit_key
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 # A reserved slot this close is taken as now: waiting for less is not worth it.
 SLOT_SLACK = dt.timedelta(milliseconds=2)
@@ -101,6 +101,32 @@ class Outcome:
 Reschedule = Callable[[Job], None]
 
 
+def job_context(job: Job) -> dict[str, Any]:
+    """The fields every log line about `job` carries."""
+    return {
+        "job_id": str(job.id),
+        "task": job.task,
+        "attempt": job.attempts,
+        "tenant": job.tenant,
+        "queue": job.queue,
+        "trace_id": tracing.trace_id_of() or tracing.trace_id_in(job.traceparent),
+        "request_id": job.request_id,
+    }
+
+
+def observe_start(job: Job) -> None:
+    """Count a claimed attempt; its queue wait when it is the job's first."""
+    metrics.JOBS_STARTED.labels(job.task, job.queue).inc()
+    if job.attempts == 1 and job.started_at is not None and job.scheduled_at is not None:
+        wait = (job.started_at - job.scheduled_at).total_seconds()
+        metrics.JOB_QUEUE_WAIT_SECONDS.labels(job.queue).observe(max(0.0, wait))
+
+
+def observe_finish(job: Job, state: JobState) -> None:
+    """Count a job that reached a terminal state here."""
+    metrics.JOBS_FINISHED.labels(job.task, job.queue, state.value).inc()
+
+
 class Executor:
     """Runs the deliveries of one worker process."""
 
@@ -131,6 +157,11 @@ class Executor:
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
+        with logs.bound(job_id=str(job_id)):
+            outcome = self._run(job_id)
+        return outcome
+
+    def _run(self, job_id: uuid.UUID) -> Outcome:
         sessions = self._sessions()
         worker = self._worker()
         job: Job | Outcome | None = None
@@ -142,20 +173,33 @@ class Executor:
             # Flow control needs a transaction around its checks and the claim.
             job = self._claim(sessions, job_id, worker)
         if isinstance(job, Outcome):
+            log.debug("delivery not run: %s", job.action)
             return job
+        with logs.bound(**job_context(job)):
+            return self._attempt(sessions, job, worker)
+
+    def _attempt(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
+        started = time.perf_counter()
+        observe_start(job)
+        log.info("job started")
         lost = self.leases.hold(job.id, job.attempts, job.timeout_seconds)
         try:
             task_type = self._registry.get(job.task)
             payload = task_type.validate(job.payload)
             result = task_type.handler(payload, RunContext(job, sessions, lost))
         except JobCancelled:
+            log.info("job stopped: it was cancelled or taken away")
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
         except Exception as error:
+            metrics.JOB_RUN_SECONDS.labels(job.task).observe(time.perf_counter() - started)
             if lost.is_set():
+                log.info("job stopped: it was cancelled or taken away")
                 return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
             return self._failed(sessions, job, worker, error)
         finally:
             self.leases.drop(job.id)
+        elapsed = time.perf_counter() - started
+        metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
         if self._fast_path is not None:
             held = self._fast_path.succeed(
                 job.id, worker=worker, attempt=job.attempts, result=result, now=store.utcnow()
@@ -169,7 +213,10 @@ class Executor:
                     is not None
                 )
         if not held:
+            log.info("job result not recorded: it was cancelled or taken away")
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+        observe_finish(job, JobState.SUCCEEDED)
+        log.info("job succeeded", run_seconds=round(elapsed, 6))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
 
     def _claim(
@@ -206,9 +253,10 @@ class Executor:
             and current.lease_expires_at < store.utcnow()
         )
         waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
-        if (expired and store.rescue(session, job_id) is not None) or (
-            waiting and store.promote(session, job_id) is not None
-        ):
+        rescued = store.rescue(session, job_id) if expired else None
+        if rescued is not None and rescued.state == JobState.DEAD:
+            observe_finish(rescued, JobState.DEAD)
+        if rescued is not None or (waiting and store.promote(session, job_id) is not None):
             # Its last worker is gone, or its time has come: this delivery takes it.
             taken = self._take(session, job_id, worker, holds_slot)
             if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
@@ -260,6 +308,7 @@ class Executor:
             store.lock_limit_key(session, f"{current.task}|{key}")
             if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
                 wait = dt.timedelta(seconds=random.uniform(0.3, 0.8))
+                metrics.JOBS_DEFERRED.labels(current.task, "concurrency").inc()
                 return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
         if holds_slot or self._limiter is None or not (spec.rate or spec.key_rate):
             return key
@@ -273,6 +322,7 @@ class Executor:
             answer = self._limiter.reserve(session, name, interval, self._rate_horizon)
             if not answer.taken:
                 # Every slot that near is taken: come back when the limit has room.
+                metrics.JOBS_DEFERRED.labels(current.task, "rate").inc()
                 return store.defer(
                     session, job_id, run_after=answer.at, slot_at=answer.at, reason="rate"
                 )
@@ -282,7 +332,10 @@ class Executor:
     @staticmethod
     def _exhausted(session: Session, job: Job, worker: str) -> Outcome:
         error = JobError("AttemptsExhausted", "delivered with no attempts left", None, None)
-        store.exhaust(session, job.id, worker=worker, error=error)
+        if store.exhaust(session, job.id, worker=worker, error=error) is not None:
+            observe_finish(job, JobState.DEAD)
+            with logs.bound(**job_context(job)):
+                log.warning("job dead: delivered with no attempts left")
         return Outcome(job.id, "ran-dead", JobState.DEAD)
 
     def _failed(
@@ -308,6 +361,13 @@ class Executor:
                 )
             if waiting is None:
                 return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+            metrics.JOBS_RETRIED.labels(job.task).inc()
+            log.warning(
+                "job failed; retrying",
+                error_type=described.type,
+                error=described.message,
+                retry_in=round(delay, 3),
+            )
             # A retry the broker did not take is published by the relay when due.
             self._reschedule(waiting)
             return Outcome(job.id, "ran-retrying", JobState.RETRYING, delay)
@@ -315,6 +375,8 @@ class Executor:
             gone = store.dead(session, job.id, worker=worker, attempt=job.attempts, error=described)
         if gone is None:
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+        observe_finish(job, JobState.DEAD)
+        log.error("job dead", error_type=described.type, error=described.message)
         return Outcome(job.id, "ran-dead", JobState.DEAD)
 
     @staticmethod

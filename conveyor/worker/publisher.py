@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from opentelemetry.trace import SpanKind
 
 from conveyor.config import RUN_TASK
 from conveyor.jobs.models import Job
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store import utcnow
+from conveyor.observability import tracing
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
@@ -26,6 +28,18 @@ class BrokerUnavailable(ConnectionError):
 
 
 HARD_LIMIT_GRACE_SECONDS = 10.0
+
+
+def message_headers(job: Job) -> dict[str, str]:
+    """Headers of a job's message: what it is, and the trace and request it belongs to."""
+    headers = {"conveyor_task": job.task, "conveyor_tenant": job.tenant}
+    # Inside the publish span: the run becomes its child. Else the job's own trace.
+    traceparent = tracing.current_traceparent() or job.traceparent
+    if traceparent:
+        headers["traceparent"] = traceparent
+    if job.request_id:
+        headers["conveyor_request_id"] = job.request_id
+    return headers
 
 
 class CeleryPublisher:
@@ -61,15 +75,24 @@ class CeleryPublisher:
                         continue
                     if countdown > 0:
                         options["countdown"] = countdown
-                self._app.send_task(
-                    RUN_TASK,
-                    args=[str(job.id)],
-                    queue=job.queue,
-                    routing_key=job.queue,
-                    producer=producer,
-                    soft_time_limit=job.timeout_seconds,
-                    time_limit=job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
-                    headers={"conveyor_task": job.task, "conveyor_tenant": job.tenant},
-                    **options,
-                )
+                with tracing.span(
+                    f"publish {job.task}",
+                    kind=SpanKind.PRODUCER,
+                    parent=tracing.from_traceparent(job.traceparent),
+                    attributes={
+                        "conveyor.job_id": str(job.id),
+                        "messaging.destination.name": job.queue,
+                    },
+                ):
+                    self._app.send_task(
+                        RUN_TASK,
+                        args=[str(job.id)],
+                        queue=job.queue,
+                        routing_key=job.queue,
+                        producer=producer,
+                        soft_time_limit=job.timeout_seconds,
+                        time_limit=job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
+                        headers=message_headers(job),
+                        **options,
+                    )
                 published.append(job.id)

@@ -73,7 +73,8 @@ def _worker_argv(
     monkeypatch.setattr(
         services, "build_platform", lambda _settings: SimpleNamespace(celery=celery)
     )
-    services.worker(settings, queues, concurrency)
+    # No metrics port: unit tests open no sockets.
+    services.worker(settings.model_copy(update={"metrics_port": 0}), queues, concurrency)
     return captured[0], run_task
 
 

@@ -30,9 +30,11 @@ from conveyor.api.schemas import (
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
+from conveyor.observability import logs, metrics
 from conveyor.tasks import UnknownTask, registry
 from conveyor.tasks.submission import build_new_job
 
+log = logs.get(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PROBLEMS: dict[int | str, dict[str, object]] = {
@@ -146,6 +148,8 @@ def submit_job(
         if existing is None:
             raise Problem(409, "a request with this Idempotency-Key is in progress") from None
         return _replay(existing, digest, response)
+    metrics.count_submitted([job])
+    log.info("job submitted", job_id=str(job.id), task=job.task, queue=job.queue)
     published = outbox.publish_recorded(sessions, state.publisher, [job])
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not published:
@@ -162,6 +166,8 @@ def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response
     ]
     with state.sessions.begin() as session:
         jobs = store.create_jobs(session, new_jobs)
+    metrics.count_submitted(jobs)
+    log.info("jobs submitted", count=len(jobs))
     if not outbox.publish_recorded(state.sessions, state.publisher, jobs):
         response.headers["Conveyor-Publish"] = "deferred"
     return BatchOut(jobs=[JobOut.of(job) for job in jobs])
@@ -250,6 +256,8 @@ def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
         if job is None:
             current = store.get_job(session, job_id, tenant=key.tenant)
     if job is not None:
+        metrics.JOBS_FINISHED.labels(job.task, job.queue, "cancelled").inc()
+        log.info("job cancelled", job_id=str(job.id), task=job.task, queue=job.queue)
         return JobOut.of(job)
     if current is None:
         raise Problem(404, f"no job {job_id}")

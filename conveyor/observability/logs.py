@@ -1,0 +1,93 @@
+"""Structured logs: one JSON object per line, or readable lines on a terminal.
+
+Every record, from Conveyor, Celery, uvicorn or any library using `logging`, goes
+through the same structlog processors, so it carries the context bound to the current
+thread or task: `request_id` and `trace_id` in the API; `job_id`, `task`, `attempt`,
+`tenant`, `queue`, `trace_id` and `request_id` while a worker handles a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from structlog.typing import Processor
+
+JOB_FIELDS = ("job_id", "task", "attempt", "tenant", "queue", "trace_id", "request_id")
+
+
+def _process(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    event.setdefault("pid", os.getpid())
+    return event
+
+
+def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
+    """Route all logging of this process through structlog at `level`."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        _process,
+    ]
+    if service:
+        shared.append(lambda _l, _m, event: {**event, "service": service})
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if use_json else _keep,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+
+
+def _keep(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    return event
+
+
+def bind(**values: Any) -> None:
+    """Add fields to every following line of this thread or task."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+@contextmanager
+def bound(**values: Any) -> Iterator[None]:
+    """Fields on every line logged inside the block; the previous ones come back after."""
+    with structlog.contextvars.bound_contextvars(**values):
+        yield
+
+
+def current_request_id() -> str | None:
+    """The id of the API request this thread or task is handling, if any."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return None if value is None else str(value)
+
+
+def get(name: str) -> Any:
+    """A logger taking fields as keywords; its records go to `logging` like any other."""
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.render_to_log_kwargs,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
