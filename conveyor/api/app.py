@@ -41,6 +41,6 @@ def create_app(state: ApiState) -> FastAPI:
     # Outermost: even a request refused for its size is counted and logged.
     app.add_middleware(Telemetry)
     # Gauges of shared state, read when /metrics is scraped; one registry per app.
-    app.state.conveyor_gauges = CollectorRegistry(auto_describe=True)
+    app.state.conveyor_gauges = CollectorRegistry()
     app.state.conveyor_gauges.register(StateCollector(lambda: state_reader(state)))
     return app

@@ -10,6 +10,7 @@ broker and the store when the API is scraped, by `StateCollector`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from prometheus_client.registry import Collector
 
 from conveyor.jobs.models import Job
 from conveyor.observability.multiproc import MULTIPROC_ENV
+
+log = logging.getLogger(__name__)
 
 # Seconds: from a millisecond to an hour, so both echo jobs and long exports land in range.
 DURATION_BUCKETS = (
@@ -174,8 +177,9 @@ class StateCollector(Collector):
                 return self._cached[1]
             try:
                 reading = self._read()
-            except Exception:
+            except Exception as error:
                 # The store or the broker is away: /readyz says which; skip these gauges.
+                log.warning("metrics: cannot read the store or the broker: %s", error)
                 return None
             self._cached = (now, reading)
             return reading
