@@ -319,8 +319,9 @@ def test_counters_from_api_and_workers_equal_the_job_store(
     # Gauges read from the store and the broker (kept for a few seconds between reads),
     # and each process's own.
     wait_until(
-        lambda: samples(platform.scrape("api"), "conveyor_dead_jobs")
-        == {(("task", "demo.fail"),): 7},
+        lambda: (
+            samples(platform.scrape("api"), "conveyor_dead_jobs") == {(("task", "demo.fail"),): 7}
+        ),
         timeout=15,
         what="the dead-jobs gauge",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 
 import pytest
@@ -35,7 +36,7 @@ def test_slots_are_spaced_and_only_taken_within_the_horizon(
     assert [a.taken for a in answers] == [True, True, True, True, False, False]
     slots = [a.at for a in answers[:4]]
     assert slots[0] >= before - dt.timedelta(milliseconds=50)
-    gaps = [(b - a).total_seconds() for a, b in zip(slots, slots[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
     assert all(abs(gap - 0.1) < 1e-3 for gap in gaps)
     # Refused: ask again when the next free slot comes within the horizon.
     next_free = slots[3] + dt.timedelta(seconds=0.1)
@@ -83,7 +84,7 @@ def test_a_worker_waits_for_its_slot_then_starts(
     assert [o.action for o in outcomes] == ["ran-succeeded"] * 4
     with sessions() as session:
         starts = sorted(t for (t,) in session.execute(select(jobs.c.started_at)).all())
-    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
     # Four starts at 10 per second: 0.3 s from the first to the last. A recorded start
     # is the claim's commit time, a few milliseconds after its slot.
     assert all(gap >= 0.08 for gap in gaps), gaps
