@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -183,6 +184,14 @@ def test_a_burst_of_failures_is_listed_logged_once_and_ends(
     assert "baseline=0.1" in warning and "score=" in warning
     with handle.sessions()() as session:
         assert anomalies.open_anomalies(session) == [(BURSTY, "failure_rate")]
+    # And as a gauge on the API's /metrics, for alerts.
+    flagged = {
+        (sample.labels["task"], sample.labels["signal"], sample.value)
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        if family.name == "conveyor_anomaly"
+        for sample in family.samples
+    }
+    assert flagged == {(BURSTY, "failure_rate", 1.0)}
 
     # Later runs over the same burst carry the episode on without logging it again.
     clock.at += dt.timedelta(seconds=15)

@@ -525,3 +525,31 @@ def test_prometheus_scrapes_every_api_worker_and_beat_on_its_port() -> None:
             assert str(port) in [str(p) for p in service.get("expose", [])], name
         elif args.command == "beat":
             assert str(port) in [str(p) for p in service.get("expose", [])], name
+
+
+def test_the_expected_metrics_are_exactly_what_the_code_exports() -> None:
+    from prometheus_client import Counter as PromCounter
+    from prometheus_client import Histogram as PromHistogram
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from conveyor.observability import metrics as exported
+
+    found: dict[str, set[str]] = {}
+    for value in vars(exported).values():
+        if isinstance(value, MetricWrapperBase):
+            name = value._name + ("_total" if isinstance(value, PromCounter) else "")
+            kind = HISTOGRAMS if isinstance(value, PromHistogram) else COUNTERS_AND_GAUGES
+            assert name in kind, f"{name} is exported but not expected"
+            found[name] = set(value._labelnames)
+    reading = exported.StateReading(
+        depths={"high": 0},
+        waiting={"high": {"queued": 1}},
+        dead={"t": 1},
+        oldest_queued={"high": 1.0},
+        anomalies=[("t", "run_p95")],
+    )
+    for family in exported.StateCollector(lambda: reading).collect():
+        found[family.name] = {k for s in family.samples for k in s.labels}
+    expected = {**COUNTERS_AND_GAUGES, **HISTOGRAMS}
+    expected.pop("up")
+    assert found == {name: set(labels) for name, labels in expected.items()}
