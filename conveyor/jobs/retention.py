@@ -25,7 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs.states import JobState
-from conveyor.jobs.tables import job_events, job_rollups, jobs
+from conveyor.jobs.tables import anomalies, job_events, job_rollups, jobs
 
 MIN_FINISHED_DAYS = 1.0
 # SQLite has one write lock and no queue for it: a waiting writer polls (at most every
@@ -55,6 +55,23 @@ def _delete_jobs_batch(
         delete(jobs)
         .where(jobs.c.id.in_(ids), jobs.c.finished_at < cutoff, jobs.c.state.in_(states))
         .returning(jobs.c.id)
+    ).all()
+    return len(ids), len(deleted)
+
+
+def _delete_anomalies_batch(
+    session: Session, cutoff: dt.datetime, batch_size: int
+) -> tuple[int, int]:
+    """(rows picked, rows deleted) of one batch of episodes that ended before `cutoff`."""
+    ids = list(
+        session.execute(
+            select(anomalies.c.id).where(anomalies.c.ended_at < cutoff).limit(batch_size)
+        ).scalars()
+    )
+    if not ids:
+        return 0, 0
+    deleted = session.execute(
+        delete(anomalies).where(anomalies.c.id.in_(ids)).returning(anomalies.c.id)
     ).all()
     return len(ids), len(deleted)
 
@@ -115,9 +132,9 @@ def cleanup(
 ) -> dict[str, int]:
     """Delete what is past retention, in short transactions; counts deleted per kind.
 
-    Each kind (finished, dead, rollups) does at most `max_batches` batches per call;
-    what is left goes on the next call. Batches are `pause_seconds` apart (by default
-    none on PostgreSQL, SQLITE_PAUSE_SECONDS on SQLite).
+    Each kind (finished, dead, rollups, ended anomalies) does at most `max_batches`
+    batches per call; what is left goes on the next call. Batches are `pause_seconds`
+    apart (by default none on PostgreSQL, SQLITE_PAUSE_SECONDS on SQLite).
     """
     if finished_days < MIN_FINISHED_DAYS:
         raise ValueError("finished jobs (and their idempotency keys) are kept at least a day")
@@ -151,6 +168,15 @@ def cleanup(
         "rollups": _in_batches(
             session_factory,
             _delete_rollups_batch,
+            now - rollup_days * day,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            pause_seconds=pause_seconds,
+        ),
+        # Ended anomaly episodes are kept as long as the rollups they were judged on.
+        "anomalies": _in_batches(
+            session_factory,
+            _delete_anomalies_batch,
             now - rollup_days * day,
             batch_size=batch_size,
             max_batches=max_batches,

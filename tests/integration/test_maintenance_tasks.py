@@ -70,7 +70,7 @@ def test_beat_runs_aggregate_and_cleanup_on_the_store(
         with pg_sessions() as session:
             rolled = session.execute(select(func.count()).select_from(job_rollups)).scalar_one()
         assert rolled == 2
-        assert app.tasks[CLEANUP_TASK]() == {"finished": 1, "dead": 0, "rollups": 0}
+        assert app.tasks[CLEANUP_TASK]() == {"finished": 1, "dead": 0, "rollups": 0, "anomalies": 0}
         with pg_sessions() as session:
             left = session.execute(select(jobs.c.finished_at)).scalars().all()
         assert left == [recent]

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.config import Settings
 from conveyor.jobs import retention, store
 from conveyor.jobs.models import NewJob
-from conveyor.jobs.tables import job_events, job_rollups, jobs
+from conveyor.jobs.tables import anomalies, job_events, job_rollups, jobs
 from tests.integration.job_rows import forget_rollups, insert_jobs, job_row
 from tests.support import wait_until
 
@@ -54,6 +54,22 @@ def rollup(minute: dt.datetime, task: str) -> dict[str, Any]:
         "counts": {"succeeded": 1},
         "run_histogram": {},
         "wait_histogram": {},
+    }
+
+
+def episode(ended_at: dt.datetime | None, started_at: dt.datetime | None = None) -> dict[str, Any]:
+    began = started_at or (ended_at or NOW) - dt.timedelta(minutes=10)
+    return {
+        "id": uuid.uuid4(),
+        "tenant": "acme",
+        "task": "t",
+        "signal": "run_p95",
+        "started_at": began,
+        "last_seen_at": ended_at or began,
+        "ended_at": ended_at,
+        "value": 2.0,
+        "baseline": 1.0,
+        "score": 4.0,
     }
 
 
@@ -94,9 +110,21 @@ def test_cleanup_deletes_exactly_what_is_past_retention(db: sessionmaker[Session
             [rollup(m, t) for m in old_minutes + new_minutes for t in ("a", "b", "c")],
         )
 
+    with db.begin() as session:
+        session.execute(
+            insert(anomalies),
+            [
+                episode(ended_at=cutoff - dt.timedelta(minutes=1)),  # goes
+                episode(ended_at=cutoff + dt.timedelta(minutes=1)),
+                episode(ended_at=None, started_at=cutoff - DAY),  # still open: kept
+            ],
+        )
+
     deleted = retention.cleanup(db, now=NOW, batch_size=2, max_batches=100, **RETENTION)
 
-    assert deleted == {"finished": 7, "dead": 1, "rollups": 6}
+    assert deleted == {"finished": 7, "dead": 1, "rollups": 6, "anomalies": 1}
+    with db() as session:
+        assert session.execute(select(func.count()).select_from(anomalies)).scalar_one() == 2
     ids, events = remaining(db)
     assert ids == {row["id"] for row in kept.values()}
     assert events == Counter({row["id"]: 3 for row in kept.values()})
@@ -108,7 +136,7 @@ def test_cleanup_deletes_exactly_what_is_past_retention(db: sessionmaker[Session
     assert minutes == Counter({m: 3 for m in new_minutes})
     # Nothing more is past retention.
     again = retention.cleanup(db, now=NOW, **RETENTION)
-    assert again == {"finished": 0, "dead": 0, "rollups": 0}
+    assert again == {"finished": 0, "dead": 0, "rollups": 0, "anomalies": 0}
     assert remaining(db)[0] == ids
 
 
