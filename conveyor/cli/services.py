@@ -27,6 +27,8 @@ def api(settings: Settings) -> None:
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # Conveyor's own logging (JSON lines) carries uvicorn's records too.
+        log_config=None,
     )
 
 

@@ -120,7 +120,13 @@ def create_jobs(
     if not new_jobs:
         return []
     rows = [_new_job_values(new, now) for new in new_jobs]
-    session.execute(insert(jobs), rows)
+    # One statement (batched by SQLAlchemy when long) returns the rows in input order.
+    created = [
+        Job.from_row(r)
+        for r in session.execute(
+            insert(jobs).returning(*jobs.c, sort_by_parameter_order=True), rows
+        ).mappings()
+    ]
     session.execute(
         insert(job_events),
         [
@@ -137,16 +143,7 @@ def create_jobs(
             for row in rows
         ],
     )
-    by_id = {
-        job.id: job
-        for job in (
-            Job.from_row(r)
-            for r in session.execute(
-                select(jobs).where(jobs.c.id.in_([row["id"] for row in rows]))
-            ).mappings()
-        )
-    }
-    return [by_id[row["id"]] for row in rows]
+    return created
 
 
 def create_job(session: Session, new: NewJob, *, now: dt.datetime | None = None) -> Job:
