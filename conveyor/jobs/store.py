@@ -22,6 +22,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
@@ -154,9 +155,15 @@ def create_job(session: Session, new: NewJob, *, now: dt.datetime | None = None)
 def mark_published(
     session: Session, job_ids: Iterable[uuid.UUID], *, now: dt.datetime | None = None
 ) -> None:
-    """Note that the broker has the messages of these jobs (the outbox is drained)."""
+    """Note that the broker has the messages of these jobs (the outbox is drained).
+
+    On PostgreSQL this commit does not wait for the disk: a mark lost in a crash only
+    makes the relay publish the job again, and the extra delivery is dropped at claim.
+    """
     ids = list(job_ids)
     if ids:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SET LOCAL synchronous_commit = off"))
         session.execute(
             update(jobs)
             .where(jobs.c.id.in_(ids), jobs.c.published_at.is_(None))
