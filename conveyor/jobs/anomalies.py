@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from sqlalchemy import RowMapping, func, insert, select, update
+from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.jobs import quantiles
+from conveyor.jobs.db import try_transaction_lock
 from conveyor.jobs.rollups import MINUTE, watermark
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import anomalies, job_rollups
@@ -388,13 +389,6 @@ def _end_episode(
     )
 
 
-def _take_lock(session: Session) -> bool:
-    # SQLite transactions here begin IMMEDIATE and so already run one at a time.
-    if session.get_bind().dialect.name != "postgresql":
-        return True
-    return bool(session.execute(select(func.pg_try_advisory_xact_lock(_LOCK_KEY))).scalar_one())
-
-
 def _apply(
     session: Session,
     key: tuple[str, str, Signal],
@@ -424,7 +418,11 @@ def detect(session: Session, *, now: dt.datetime, limits: Limits | None = None) 
     """
     limits = limits or Limits()
     end = watermark(session)
-    if end is None or now - end > limits.max_lag_minutes * MINUTE or not _take_lock(session):
+    if (
+        end is None
+        or now - end > limits.max_lag_minutes * MINUTE
+        or not try_transaction_lock(session, _LOCK_KEY)
+    ):
         return Detection()
     series = load_minutes(session, end=end, minutes=limits.baseline_minutes + limits.window_minutes)
     verdicts = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,3 +57,14 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def try_transaction_lock(session: Session, key: int) -> bool:
+    """Take the transaction-scoped lock `key` if free; False when another holds it.
+
+    On PostgreSQL an advisory lock; SQLite transactions here begin IMMEDIATE and so
+    already run one at a time.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.execute(select(func.pg_try_advisory_xact_lock(key))).scalar_one())

@@ -25,6 +25,7 @@ from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.jobs import quantiles
+from conveyor.jobs.db import try_transaction_lock
 from conveyor.jobs.quantiles import Quantiles
 from conveyor.jobs.states import TERMINAL_STATES, JobState
 from conveyor.jobs.tables import job_rollups, jobs, marks
@@ -136,13 +137,6 @@ def finished_query(start: dt.datetime, end: dt.datetime) -> Select[Any]:
     ).where(jobs.c.finished_at >= start, jobs.c.finished_at < end)
 
 
-def _take_lock(session: Session) -> bool:
-    # SQLite transactions here begin IMMEDIATE and so already run one at a time.
-    if session.get_bind().dialect.name != "postgresql":
-        return True
-    return bool(session.execute(select(func.pg_try_advisory_xact_lock(_LOCK_KEY))).scalar_one())
-
-
 def aggregate(
     session: Session,
     *,
@@ -155,7 +149,7 @@ def aggregate(
     The caller owns the transaction; rollup rows and the watermark move together.
     Returns 0 at once when another aggregation holds the lock.
     """
-    if not _take_lock(session):
+    if not try_transaction_lock(session, _LOCK_KEY):
         return 0
     mark = watermark(session)
     horizon = floor_minute(now - dt.timedelta(seconds=lag_seconds))

@@ -189,40 +189,49 @@ class StateCollector(Collector):
         reading = self._reading()
         if reading is None:
             return
-        depth = GaugeMetricFamily(
-            "conveyor_queue_depth", "Messages waiting in the broker's queue.", labels=["queue"]
+        yield _gauge(
+            "conveyor_queue_depth",
+            "Messages waiting in the broker's queue.",
+            ["queue"],
+            (([queue], count) for queue, count in reading.depths.items()),
         )
-        for queue, count in sorted(reading.depths.items()):
-            depth.add_metric([queue], count)
-        yield depth
-        waiting = GaugeMetricFamily(
+        yield _gauge(
             "conveyor_jobs_waiting",
             "Unfinished jobs in the store by queue and state.",
-            labels=["queue", "state"],
+            ["queue", "state"],
+            (
+                ([queue, state], count)
+                for queue, states in reading.waiting.items()
+                for state, count in states.items()
+            ),
         )
-        for queue, states in sorted(reading.waiting.items()):
-            for state, count in sorted(states.items()):
-                waiting.add_metric([queue, state], count)
-        yield waiting
-        dead = GaugeMetricFamily(
-            "conveyor_dead_jobs", "Dead jobs kept in the store, by task.", labels=["task"]
+        yield _gauge(
+            "conveyor_dead_jobs",
+            "Dead jobs kept in the store, by task.",
+            ["task"],
+            (([task], count) for task, count in reading.dead.items()),
         )
-        for task, count in sorted(reading.dead.items()):
-            dead.add_metric([task], count)
-        yield dead
-        oldest = GaugeMetricFamily(
+        yield _gauge(
             "conveyor_oldest_queued_seconds",
             "Age of the oldest queued job, by queue.",
-            labels=["queue"],
+            ["queue"],
+            (([queue], age) for queue, age in reading.oldest_queued.items()),
         )
-        for queue, age in sorted(reading.oldest_queued.items()):
-            oldest.add_metric([queue], age)
-        yield oldest
-        anomaly = GaugeMetricFamily(
+        yield _gauge(
             "conveyor_anomaly",
             "1 while a task type's signal departs from its own baseline.",
-            labels=["task", "signal"],
+            ["task", "signal"],
+            (([task, signal], 1) for task, signal in set(reading.anomalies)),
         )
-        for task, signal in sorted(set(reading.anomalies)):
-            anomaly.add_metric([task, signal], 1)
-        yield anomaly
+
+
+def _gauge(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: Iterable[tuple[list[str], float]],
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for label_values, value in sorted(values):
+        family.add_metric(label_values, value)
+    return family
