@@ -21,9 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.api.app import create_app
-from conveyor.cli.wiring import build_platform
-from conveyor.config import Settings
 from conveyor.jobs import anomalies, keys, rollups, store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.tables import anomalies as anomalies_table
@@ -100,15 +97,6 @@ def handle(pg_engine: Engine, pg_url: str) -> Iterator[StoreHandle]:
     store_handle = StoreHandle(pg_url)
     yield store_handle
     store_handle.dispose()
-
-
-@pytest.fixture
-def client(pg_engine: Engine, pg_url: str, redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=pg_url, broker_url=redis_url, api_rate_per_second=0)
-    platform = build_platform(settings)
-    with TestClient(create_app(platform.api_state())) as test_client:
-        yield test_client
-    platform.store.dispose()
 
 
 def auth(engine: Engine, tenant: str, scopes: tuple[str, ...] = ("read",)) -> dict[str, str]:

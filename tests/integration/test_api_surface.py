@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,15 +20,6 @@ from conveyor.jobs.models import JobError
 from conveyor.jobs.tables import jobs
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def client(pg_engine: Engine, pg_url: str, redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=pg_url, broker_url=redis_url, api_rate_per_second=0)
-    platform = build_platform(settings)
-    with TestClient(create_app(platform.api_state())) as test_client:
-        yield test_client
-    platform.store.dispose()
 
 
 def new_key(engine: Engine, tenant: str, scopes: tuple[str, ...] = keys.SCOPES) -> dict[str, str]:
