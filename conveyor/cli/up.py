@@ -43,6 +43,7 @@ def banner(settings: Settings, key: str) -> str:
             " -H 'Content-Type: application/json'"
             ' -d \'{"task": "demo.echo", "payload": {"hello": "world"}}\'',
             "Then read it back from the Location it names, with the same key.",
+            f"Prometheus metrics: {url}/metrics",
         ]
     )
 
@@ -175,7 +176,13 @@ def supervise(settings: Settings, *, grace_seconds: float = 30.0) -> None:
     for child in children:
         child.start()
     print(banner(settings, key), flush=True)
-    print(f"Supervising: {', '.join(c.name for c in children)}", flush=True)
+    parts = [
+        f"{c.name} (metrics :{c.env['CONVEYOR_METRICS_PORT']})"
+        if "CONVEYOR_METRICS_PORT" in c.env
+        else c.name
+        for c in children
+    ]
+    print(f"Supervising: {', '.join(parts)}", flush=True)
     while not stopping.wait(0.5):
         for child in children:
             assert child.process is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from tests.workers import service_env
 @pytest.mark.usefixtures("pg_engine")
 def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_path: Path) -> None:
     port = free_port()
-    env = service_env(pg_url, redis_url, CONVEYOR_API_PORT=str(port))
+    metrics = free_ports_in_a_row(4)
+    env = service_env(
+        pg_url, redis_url, CONVEYOR_API_PORT=str(port), CONVEYOR_METRICS_PORT=str(metrics)
+    )
     log = (tmp_path / "up.log").open("w+")
     process = subprocess.Popen(
         conveyor_command("up"), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -29,7 +33,9 @@ def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_pat
             timeout=60,
             what="the supervisor to start its children",
         )
-        assert "api, worker-high, worker-default, worker-low, beat" in text
+        names = ("worker-high", "worker-default", "worker-low", "beat")
+        listed = ", ".join(f"{n} (metrics :{metrics + i})" for i, n in enumerate(names))
+        assert f"api, {listed}" in text
         key = next(line.rsplit(" ", 1)[1] for line in text.splitlines() if "Admin API key" in line)
         children = psutil.Process(process.pid).children()
         assert len(children) == 5
@@ -56,6 +62,21 @@ def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_pat
                 interval=0.2,
                 what=f"job {job_id} to succeed",
             )
+        # Each worker counted its own queue's job on its own port; beat reports its lease.
+        for offset, queue in enumerate(("high", "default", "low")):
+            finished = f'conveyor_jobs_finished_total{{queue="{queue}",state="succeeded",'
+            wait_until(
+                lambda offset=offset, finished=finished: (
+                    finished in _text(f"http://127.0.0.1:{metrics + offset}/metrics")
+                ),
+                timeout=10,
+                what=f"the {queue} worker's metrics",
+            )
+        wait_until(
+            lambda: "conveyor_beat_leader 1.0" in _text(f"http://127.0.0.1:{metrics + 3}/metrics"),
+            timeout=20,
+            what="beat's metrics",
+        )
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         for child in children:
@@ -67,6 +88,32 @@ def test_up_supervises_api_workers_and_beat(pg_url: str, redis_url: str, tmp_pat
         for child in psutil.Process(os.getpid()).children(recursive=True):
             if child.pid != process.pid and "conveyor" in " ".join(child.cmdline()):
                 child.kill()
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are all free right now."""
+    for _ in range(50):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def _text(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return ""
 
 
 def _ok(url: str) -> bool:
