@@ -112,3 +112,27 @@ def test_a_job_with_no_slot_near_is_deferred_without_using_an_attempt(
     wait = (job.run_after - store.utcnow()).total_seconds()
     time.sleep(max(0.0, wait))
     assert run.run(second.id).action == "ran-succeeded"
+
+
+def test_a_per_key_rate_spaces_each_key_and_not_the_others(
+    limiter: Limiter, sessions: sessionmaker[Session]
+) -> None:
+    run = executor(
+        sessions, limiter, {"demo.echo": TaskLimits(key="payload.customer", key_rate=10)}
+    )
+    new = [
+        build_new_job(registry, tenant="acme", task="demo.echo", payload={"customer": c})
+        for c in ("a", "b", "a", "b")
+    ]
+    with sessions.begin() as session:
+        created = store.create_jobs(session, new)
+    assert [run.run(job.id).action for job in created] == ["ran-succeeded"] * 4
+    with sessions() as session:
+        rows = session.execute(select(jobs.c.payload, jobs.c.started_at)).all()
+    starts = {
+        customer: sorted(t for p, t in rows if p["customer"] == customer) for customer in "ab"
+    }
+    for customer, (first, second) in starts.items():
+        assert (second - first).total_seconds() >= 0.08, customer
+    # b's first job took its own key's slot at once, without waiting behind a's.
+    assert (starts["b"][0] - starts["a"][0]).total_seconds() < 0.08
