@@ -50,6 +50,37 @@ SELECT * FROM moved
 """
 
 
+def claim_params(
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    lease_seconds: float,
+    now: dt.datetime,
+    limit_key: str | None = None,
+) -> dict[str, Any]:
+    """CLAIM_SQL's parameters."""
+    return {
+        "id": job_id,
+        "worker": worker,
+        "lease": now + dt.timedelta(seconds=lease_seconds),
+        "now": now,
+        "limit_key": limit_key,
+    }
+
+
+def succeed_params(
+    job_id: uuid.UUID, *, worker: str, attempt: int, result: Any, now: dt.datetime
+) -> dict[str, Any]:
+    """SUCCEED_SQL's parameters."""
+    return {
+        "id": job_id,
+        "worker": worker,
+        "attempt": attempt,
+        "result": Jsonb(result),
+        "now": now,
+    }
+
+
 class FastPath:
     """One autocommit connection per process (and thread), opened on first use."""
 
@@ -93,13 +124,7 @@ class FastPath:
         row = self._run(
             "claims",
             CLAIM_SQL,
-            {
-                "id": job_id,
-                "worker": worker,
-                "lease": now + dt.timedelta(seconds=lease_seconds),
-                "now": now,
-                "limit_key": None,
-            },
+            claim_params(job_id, worker=worker, lease_seconds=lease_seconds, now=now),
         )
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
 
@@ -110,12 +135,6 @@ class FastPath:
         row = self._run(
             "finishes",
             SUCCEED_SQL,
-            {
-                "id": job_id,
-                "worker": worker,
-                "attempt": attempt,
-                "result": Jsonb(result),
-                "now": now,
-            },
+            succeed_params(job_id, worker=worker, attempt=attempt, result=result, now=now),
         )
         return row is not None

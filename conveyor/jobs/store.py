@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from psycopg.types.json import Jsonb
 from sqlalchemy import (
     Select,
     and_,
@@ -27,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL
+from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL, claim_params, succeed_params
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
 from conveyor.jobs.states import (
     CANCELLABLE_STATES,
@@ -82,6 +81,38 @@ def _transition(
     statement = update(jobs).where(jobs.c.id == job_id, *where).values(**values).returning(*jobs.c)
     row = session.execute(statement).mappings().first()
     return None if row is None else Job.from_row(row)
+
+
+def _bury(
+    session: Session,
+    job_id: uuid.UUID,
+    where: Sequence[Any],
+    *,
+    error: JobError,
+    from_state: JobState,
+    worker: str | None,
+    now: dt.datetime,
+    reason: str | None = None,
+) -> Job | None:
+    """→ dead with `error`, recording the `dead` event; None if `where` does not hold."""
+    job = _transition(
+        session,
+        job_id,
+        where,
+        {
+            "state": JobState.DEAD.value,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **_error_values(error),
+        },
+    )
+    if job is not None:
+        detail = {"error_type": error.type}
+        if reason is not None:
+            detail["reason"] = reason
+        _event(session, job, "dead", from_state, at=now, worker=worker, detail=detail)
+    return job
 
 
 def _new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
@@ -198,13 +229,13 @@ def claim(
             session.connection()
             .exec_driver_sql(
                 CLAIM_SQL,
-                {
-                    "id": job_id,
-                    "worker": worker,
-                    "lease": now + dt.timedelta(seconds=lease_seconds),
-                    "now": now,
-                    "limit_key": limit_key,
-                },
+                claim_params(
+                    job_id,
+                    worker=worker,
+                    lease_seconds=lease_seconds,
+                    now=now,
+                    limit_key=limit_key,
+                ),
             )
             .mappings()
             .first()
@@ -259,13 +290,7 @@ def succeed(
             session.connection()
             .exec_driver_sql(
                 SUCCEED_SQL,
-                {
-                    "id": job_id,
-                    "worker": worker,
-                    "attempt": attempt,
-                    "result": Jsonb(result),
-                    "now": now,
-                },
+                succeed_params(job_id, worker=worker, attempt=attempt, result=result, now=now),
             )
             .mappings()
             .first()
@@ -354,30 +379,15 @@ def dead(
     now: dt.datetime | None = None,
 ) -> Job | None:
     """running → dead: attempts exhausted or a permanent error."""
-    now = now or utcnow()
-    job = _transition(
+    return _bury(
         session,
         job_id,
         _held_by(worker, attempt),
-        {
-            "state": JobState.DEAD.value,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "updated_at": now,
-            **_error_values(error),
-        },
+        error=error,
+        from_state=JobState.RUNNING,
+        worker=worker,
+        now=now or utcnow(),
     )
-    if job is not None:
-        _event(
-            session,
-            job,
-            "dead",
-            JobState.RUNNING,
-            at=now,
-            worker=worker,
-            detail={"error_type": error.type},
-        )
-    return job
 
 
 def exhaust(
@@ -389,29 +399,15 @@ def exhaust(
     now: dt.datetime | None = None,
 ) -> Job | None:
     """queued with no attempts left → dead (a message that kept killing its worker)."""
-    now = now or utcnow()
-    job = _transition(
+    return _bury(
         session,
         job_id,
         [jobs.c.state == JobState.QUEUED.value, jobs.c.attempts >= jobs.c.max_attempts],
-        {
-            "state": JobState.DEAD.value,
-            "finished_at": now,
-            "updated_at": now,
-            **_error_values(error),
-        },
+        error=error,
+        from_state=JobState.QUEUED,
+        worker=worker,
+        now=now or utcnow(),
     )
-    if job is not None:
-        _event(
-            session,
-            job,
-            "dead",
-            JobState.QUEUED,
-            at=now,
-            worker=worker,
-            detail={"error_type": error.type},
-        )
-    return job
 
 
 def cancel(
@@ -681,29 +677,16 @@ def rescue(
             detail={"reason": "lease expired"},
         )
         return job
-    job = _transition(
+    return _bury(
         session,
         job_id,
         [*expired, jobs.c.attempts >= jobs.c.max_attempts],
-        {
-            "state": JobState.DEAD.value,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "updated_at": now,
-            **_error_values(lost),
-        },
+        error=lost,
+        from_state=JobState.RUNNING,
+        worker=before.worker,
+        now=now,
+        reason="lease expired",
     )
-    if job is not None:
-        _event(
-            session,
-            job,
-            "dead",
-            JobState.RUNNING,
-            at=now,
-            worker=before.worker,
-            detail={"error_type": lost.type, "reason": "lease expired"},
-        )
-    return job
 
 
 def expired_leases(
