@@ -65,10 +65,9 @@ from bench.throughput import (
     temporary_pg_database,
     worker_env,
 )
-from conveyor.cli.wiring import Platform, build_platform
+from conveyor.cli.wiring import Platform, build_platform, run_migrations
 from conveyor.config import Settings
-from conveyor.jobs import migrate, outbox, quantiles
-from conveyor.jobs.db import make_engine
+from conveyor.jobs import outbox, quantiles
 from conveyor.jobs.models import NewJob
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
@@ -301,11 +300,7 @@ def run_conveyor(
             high_concurrency=opts.concurrency,
             low_concurrency=opts.concurrency,
         )
-        engine = make_engine(settings.database_url, pool_size=1)
-        try:
-            migrate.upgrade(engine)
-        finally:
-            engine.dispose()
+        run_migrations(settings)
         platform = build_platform(settings)
         side = ConveyorSide(opts, settings, platform, prefetch)
         try:

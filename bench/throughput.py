@@ -57,10 +57,9 @@ import redis
 from sqlalchemy import text
 
 from bench import bare_app
-from conveyor.cli.wiring import Platform, build_platform
+from conveyor.cli.wiring import Platform, build_platform, run_migrations
 from conveyor.config import Settings
-from conveyor.jobs import migrate, outbox
-from conveyor.jobs.db import make_engine
+from conveyor.jobs import outbox
 from conveyor.jobs.models import NewJob
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
@@ -349,11 +348,7 @@ def run_conveyor(opts: Options, logs: Path) -> Result:
             worker_pool_class=opts.pool,
             log_level=opts.loglevel,
         )
-        engine = make_engine(settings.database_url, pool_size=1)
-        try:
-            migrate.upgrade(engine)
-        finally:
-            engine.dispose()
+        run_migrations(settings)
         platform = build_platform(settings)
         try:
             return _conveyor_phase(opts, settings, platform, logs)
