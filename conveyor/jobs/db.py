@@ -59,12 +59,17 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def is_postgres(session: Session) -> bool:
+    """Whether the session's database is PostgreSQL (else SQLite)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def try_transaction_lock(session: Session, key: int) -> bool:
     """Take the transaction-scoped lock `key` if free; False when another holds it.
 
     On PostgreSQL an advisory lock; SQLite transactions here begin IMMEDIATE and so
     already run one at a time.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if not is_postgres(session):
         return True
     return bool(session.execute(select(func.pg_try_advisory_xact_lock(key))).scalar_one())

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.jobs.db import is_postgres
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import anomalies, job_events, job_rollups, jobs
 
@@ -43,7 +44,7 @@ def _delete_jobs_batch(
         .order_by(jobs.c.finished_at)
         .limit(batch_size)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         # A row being requeued right now is left alone rather than waited for.
         pick = pick.with_for_update(skip_locked=True)
     ids = list(session.execute(pick).scalars())
@@ -142,7 +143,7 @@ def cleanup(
         raise ValueError("retention days, batch size and batch count must be positive")
     if pause_seconds is None:
         with session_factory() as session:
-            sqlite = session.get_bind().dialect.name == "sqlite"
+            sqlite = not is_postgres(session)
         pause_seconds = SQLITE_PAUSE_SECONDS if sqlite else 0.0
     day = dt.timedelta(days=1)
     finished = [JobState.SUCCEEDED.value, JobState.CANCELLED.value]

@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from conveyor.jobs.db import is_postgres
 from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL, claim_params, succeed_params
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
 from conveyor.jobs.states import (
@@ -36,10 +37,6 @@ from conveyor.jobs.states import (
     JobState,
 )
 from conveyor.jobs.tables import job_events, jobs
-
-
-def _postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
 
 
 def utcnow() -> dt.datetime:
@@ -193,7 +190,7 @@ def mark_published(
     """
     ids = list(job_ids)
     if ids:
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session):
             session.execute(text("SET LOCAL synchronous_commit = off"))
         session.execute(
             update(jobs)
@@ -223,7 +220,7 @@ def claim(
     }
     if limit_key is not None:
         values["limit_key"] = limit_key
-    if _postgres(session):
+    if is_postgres(session):
         # One statement: the conditional UPDATE and its event in one CTE (fastpath's SQL).
         row = (
             session.connection()
@@ -285,7 +282,7 @@ def succeed(
 ) -> Job | None:
     """running → succeeded, only for the worker and attempt that hold the claim."""
     now = now or utcnow()
-    if _postgres(session):
+    if is_postgres(session):
         row = (
             session.connection()
             .exec_driver_sql(
@@ -792,7 +789,7 @@ def lock_idempotency_key(session: Session, tenant: str, key: str) -> bool:
     On PostgreSQL an advisory lock held to the end of the transaction; SQLite runs one
     writing transaction at a time, so there the lock is always had.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if not is_postgres(session):
         return True
     digest = hashlib.sha256(f"{tenant}\x00{key}".encode()).digest()
     lock_id = int.from_bytes(digest[:8], "big", signed=True)
@@ -816,7 +813,7 @@ def list_jobs_page(
     if task is not None:
         statement = statement.where(jobs.c.task == task)
     if tag is not None:
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session):
             statement = statement.where(jobs.c.tags.op("@>")(func.jsonb_build_array(tag)))
         else:
             each = func.json_each(jobs.c.tags).table_valued("value")
@@ -914,7 +911,7 @@ def defer(
 
 def lock_limit_key(session: Session, name: str) -> None:
     """Serialize claims counted against one concurrency key (PostgreSQL; SQLite is serial)."""
-    if session.get_bind().dialect.name != "postgresql":
+    if not is_postgres(session):
         return
     digest = hashlib.sha256(name.encode()).digest()
     session.execute(

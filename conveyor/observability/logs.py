@@ -21,24 +21,24 @@ from structlog.typing import Processor
 JOB_FIELDS = ("job_id", "task", "attempt", "tenant", "queue", "trace_id", "request_id")
 
 
-def _process(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
-    event.setdefault("pid", os.getpid())
-    return event
-
-
 def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
     """Route all logging of this process through structlog at `level`."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+
+    def stamp(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+        event.setdefault("pid", os.getpid())
+        if service:
+            event["service"] = service
+        return event
+
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
-        _process,
+        stamp,
     ]
-    if service:
-        shared.append(lambda _l, _m, event: {**event, "service": service})
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -48,7 +48,8 @@ def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if use_json else _keep,
+            # The console renderer lays out exceptions itself.
+            *([structlog.processors.format_exc_info] if use_json else []),
             renderer,
         ],
     )
@@ -57,10 +58,6 @@ def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-
-
-def _keep(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
-    return event
 
 
 def bind(**values: Any) -> None:

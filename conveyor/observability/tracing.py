@@ -26,11 +26,11 @@ TRACEPARENT = "traceparent"
 _provider: Any = None
 
 
-def setup(endpoint: str | None, service: str) -> bool:
-    """Export spans to `endpoint` (OTLP over HTTP) from this process; False when unset."""
+def setup(endpoint: str | None, service: str) -> None:
+    """Export spans to `endpoint` (OTLP over HTTP) from this process; nothing when unset."""
     global _provider
     if not endpoint or _provider is not None:
-        return _provider is not None
+        return
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -41,7 +41,6 @@ def setup(endpoint: str | None, service: str) -> bool:
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
-    return True
 
 
 def enabled() -> bool:
