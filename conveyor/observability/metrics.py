@@ -120,6 +120,11 @@ def count_submitted(jobs: Iterable[Job]) -> None:
         JOBS_SUBMITTED.labels(job.task, job.queue).inc()
 
 
+def count_finished(job: Job, state: str) -> None:
+    """Count a job that reached the terminal `state` in this process."""
+    JOBS_FINISHED.labels(job.task, job.queue, state).inc()
+
+
 def registry_for_scrape() -> CollectorRegistry:
     """This process's registry; in multiprocess mode, one that sums every process's files."""
     if os.environ.get(MULTIPROC_ENV):

@@ -285,7 +285,7 @@ def rescue_once(handle: StoreHandle, publisher: CeleryPublisher, limit: int = 50
             if job is not None and job.state.value == "queued":
                 requeued.append(job)
             elif job is not None and job.state.value == "dead":
-                metrics.JOBS_FINISHED.labels(job.task, job.queue, "dead").inc()
+                metrics.count_finished(job, "dead")
     if requeued:
         log.warning("rescued %d jobs whose worker stopped responding", len(requeued))
         outbox.publish_recorded(sessions, publisher, requeued)

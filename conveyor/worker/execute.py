@@ -122,11 +122,6 @@ def observe_start(job: Job) -> None:
         metrics.JOB_QUEUE_WAIT_SECONDS.labels(job.queue).observe(max(0.0, wait))
 
 
-def observe_finish(job: Job, state: JobState) -> None:
-    """Count a job that reached a terminal state here."""
-    metrics.JOBS_FINISHED.labels(job.task, job.queue, state.value).inc()
-
-
 class Executor:
     """Runs the deliveries of one worker process."""
 
@@ -158,8 +153,7 @@ class Executor:
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
         with logs.bound(job_id=str(job_id)):
-            outcome = self._run(job_id)
-        return outcome
+            return self._run(job_id)
 
     def _run(self, job_id: uuid.UUID) -> Outcome:
         sessions = self._sessions()
@@ -215,7 +209,7 @@ class Executor:
         if not held:
             log.info("job result not recorded: it was cancelled or taken away")
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
-        observe_finish(job, JobState.SUCCEEDED)
+        metrics.count_finished(job, JobState.SUCCEEDED.value)
         log.info("job succeeded", run_seconds=round(elapsed, 6))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
 
@@ -255,7 +249,7 @@ class Executor:
         waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
         rescued = store.rescue(session, job_id) if expired else None
         if rescued is not None and rescued.state == JobState.DEAD:
-            observe_finish(rescued, JobState.DEAD)
+            metrics.count_finished(rescued, JobState.DEAD.value)
         if rescued is not None or (waiting and store.promote(session, job_id) is not None):
             # Its last worker is gone, or its time has come: this delivery takes it.
             taken = self._take(session, job_id, worker, holds_slot)
@@ -333,7 +327,7 @@ class Executor:
     def _exhausted(session: Session, job: Job, worker: str) -> Outcome:
         error = JobError("AttemptsExhausted", "delivered with no attempts left", None, None)
         if store.exhaust(session, job.id, worker=worker, error=error) is not None:
-            observe_finish(job, JobState.DEAD)
+            metrics.count_finished(job, JobState.DEAD.value)
             with logs.bound(**job_context(job)):
                 log.warning("job dead: delivered with no attempts left")
         return Outcome(job.id, "ran-dead", JobState.DEAD)
@@ -375,7 +369,7 @@ class Executor:
             gone = store.dead(session, job.id, worker=worker, attempt=job.attempts, error=described)
         if gone is None:
             return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
-        observe_finish(job, JobState.DEAD)
+        metrics.count_finished(job, JobState.DEAD.value)
         log.error("job dead", error_type=described.type, error=described.message)
         return Outcome(job.id, "ran-dead", JobState.DEAD)
 

@@ -256,7 +256,7 @@ def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
         if job is None:
             current = store.get_job(session, job_id, tenant=key.tenant)
     if job is not None:
-        metrics.JOBS_FINISHED.labels(job.task, job.queue, "cancelled").inc()
+        metrics.count_finished(job, "cancelled")
         log.info("job cancelled", job_id=str(job.id), task=job.task, queue=job.queue)
         return JobOut.of(job)
     if current is None:
