@@ -63,9 +63,8 @@ class Telemetry:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message.setdefault("headers", [])
                 message["headers"] = [
-                    *message["headers"],
+                    *message.get("headers", []),
                     (REQUEST_ID.encode(), request_id.encode()),
                 ]
             await send(message)

@@ -141,7 +141,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             log.error("dropping a message with a malformed job id: %r", job_id)
             return
         request = self.request
-        parent = tracing.extract({"traceparent": getattr(request, "traceparent", None) or ""})
+        parent = tracing.from_traceparent(getattr(request, "traceparent", None))
         name = getattr(request, "conveyor_task", None) or "job"
         try:
             with (
