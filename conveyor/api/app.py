@@ -27,6 +27,9 @@ def create_app(state: ApiState) -> FastAPI:
         title="Conveyor",
         version=__version__,
         description="Submit background jobs, follow them, and operate the platform.",
+        # The Telemetry middleware makes the one server span per request (with the request
+        # id, the log context and the Prometheus metrics); FastAPI's own would be a second.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.conveyor = state
     problems.install(app)

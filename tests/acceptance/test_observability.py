@@ -380,25 +380,30 @@ def test_a_callers_trace_reaches_the_worker_logs_and_the_spans_link(
         assert line["request_id"] == "checkout-42", line
         assert line["task"] == "demo.fail" and line["tenant"] == "acme", line
         assert line["queue"] == "default" and line["attempt"] in (1, 2), line
+
     # The spans: the caller's span → the API's request → its publish → the run; the retry
-    # is published again (by the worker) as a child of the same trace.
-    spans = wait_until(
-        lambda: (
-            (found := otlp.of_trace(trace_id))
-            and sum(1 for s in found if s.name == "run demo.fail") >= 2
-            and found
-        ),
-        timeout=20,
-        what="the spans of the trace",
-    )
+    # is published again (by the worker) as a child of the same trace. Each process
+    # exports on its own schedule: wait until the API's spans and both runs are in.
+    def arrived() -> list[Span] | None:
+        found = otlp.of_trace(trace_id)
+        names = [s.name for s in found]
+        whole = names.count("run demo.fail") >= 2 and names.count("publish demo.fail") >= 2
+        return found if whole and "POST /v1/jobs" in names else None
+
+    spans = wait_until(arrived, timeout=20, what="the spans of the trace")
     by_id = {s.span_id: s for s in spans}
-    request = next(s for s in spans if s.service == "conveyor-api" and s.name.startswith("POST"))
+    # Exactly one server span for the request, child of the caller's.
+    [request] = [s for s in spans if s.service == "conveyor-api" and s.name.startswith("POST")]
     assert request.name == "POST /v1/jobs" and request.parent_id == caller_span
-    publish = next(s for s in spans if s.parent_id == request.span_id)
-    assert publish.name == "publish demo.fail" and publish.service == "conveyor-api"
+    # Both publishes (the API's, then the worker's for the retry) hang off the request:
+    # the job keeps the request's traceparent.
+    publishes = {s.service: s for s in spans if s.name == "publish demo.fail"}
+    assert set(publishes) == {"conveyor-api", "conveyor-worker"}
+    assert all(p.parent_id == request.span_id for p in publishes.values())
     runs = [s for s in spans if s.name == "run demo.fail"]
     assert all(run.service == "conveyor-worker" for run in runs)
-    first = next(run for run in runs if run.parent_id == publish.span_id)
+    first = next(run for run in runs if run.parent_id == publishes["conveyor-api"].span_id)
     retry = next(run for run in runs if run is not first)
+    assert retry.parent_id == publishes["conveyor-worker"].span_id
     assert by_id[retry.parent_id].name == "publish demo.fail"
     print(f"\n{len(spans)} spans in trace {trace_id}: {sorted(s.name for s in spans)}")
