@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -89,24 +90,31 @@ def _events(engine: Engine, job_id: str) -> list[tuple[str, float, object]]:
     return [(event, at.timestamp(), detail) for event, at, detail in rows]
 
 
+def run_to_the_end(
+    client: TestClient, headers: dict[str, str], body: dict[str, Any], what: str
+) -> tuple[str, dict[str, Any]]:
+    """Submit one job through the API; its id and its body once it succeeded or went dead."""
+    job_id: str = client.post("/v1/jobs", json=body, headers=headers).json()["id"]
+
+    def finished() -> dict[str, Any] | None:
+        found: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        return found if found["state"] in ("succeeded", "dead") else None
+
+    return job_id, wait_until(finished, timeout=30, interval=0.1, what=what)
+
+
 def test_failing_job_retries_with_growing_delays_then_succeeds(
     platform_client: tuple[TestClient, str], pg_engine: Engine
 ) -> None:
     client, key = platform_client
     headers = {"Authorization": f"Bearer {key}"}
-    job = client.post(
-        "/v1/jobs", json={"task": "demo.fail", "payload": {"failures": 2}}, headers=headers
-    ).json()
-
-    def finished() -> dict[str, object] | None:
-        body: dict[str, object] = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
-        return body if body["state"] in ("succeeded", "dead") else None
-
-    done = wait_until(finished, timeout=30, interval=0.1, what="demo.fail to finish")
+    job_id, done = run_to_the_end(
+        client, headers, {"task": "demo.fail", "payload": {"failures": 2}}, "demo.fail to finish"
+    )
     assert done["state"] == "succeeded"
     assert done["attempts"] == 3
     assert done["result"] == {"attempt": 3}
-    history = _events(pg_engine, job["id"])
+    history = _events(pg_engine, job_id)
     assert [e for e, _, _ in history] == [
         "created",
         "claimed",
@@ -137,26 +145,18 @@ def test_permanent_failure_goes_dead_after_one_attempt(
 ) -> None:
     client, key = platform_client
     headers = {"Authorization": f"Bearer {key}"}
-    job = client.post(
-        "/v1/jobs",
-        json={"task": "demo.fail", "payload": {"failures": 5, "retryable": False}},
-        headers=headers,
-    ).json()
-    done = wait_until(
-        lambda: (
-            (b := client.get(f"/v1/jobs/{job['id']}", headers=headers).json())["state"]
-            in ("dead", "succeeded")
-            and b
-        ),
-        timeout=30,
-        what="demo.fail to go dead",
+    job_id, done = run_to_the_end(
+        client,
+        headers,
+        {"task": "demo.fail", "payload": {"failures": 5, "retryable": False}},
+        "demo.fail to go dead",
     )
     assert done["state"] == "dead"
     assert done["attempts"] == 1
     assert done["error"]["type"] == "conveyor.tasks.registry.PermanentError"
     assert "failure 1 of 5" in done["error"]["message"]
     assert "Traceback" in done["error"]["traceback"]
-    assert [e for e, _, _ in _events(pg_engine, job["id"])] == ["created", "claimed", "dead"]
+    assert [e for e, _, _ in _events(pg_engine, job_id)] == ["created", "claimed", "dead"]
 
 
 def test_per_job_time_limit_ends_the_attempt_as_a_failure(
@@ -164,29 +164,16 @@ def test_per_job_time_limit_ends_the_attempt_as_a_failure(
 ) -> None:
     client, key = platform_client
     headers = {"Authorization": f"Bearer {key}"}
-    job = client.post(
-        "/v1/jobs",
-        json={
-            "task": "demo.sleep",
-            "payload": {"seconds": 60},
-            "timeout_seconds": 1,
-            "max_attempts": 1,
-        },
-        headers=headers,
-    ).json()
-    done = wait_until(
-        lambda: (
-            (b := client.get(f"/v1/jobs/{job['id']}", headers=headers).json())["state"]
-            in ("dead", "succeeded")
-            and b
-        ),
-        timeout=30,
-        what="the timed-out job to go dead",
+    job_id, done = run_to_the_end(
+        client,
+        headers,
+        {"task": "demo.sleep", "payload": {"seconds": 60}, "timeout_seconds": 1, "max_attempts": 1},
+        "the timed-out job to go dead",
     )
     assert done["state"] == "dead"
     assert done["error"]["type"].endswith("SoftTimeLimitExceeded")
     assert done["finished_at"] is not None
-    history = [e for e, _, _ in _events(pg_engine, job["id"])]
+    history = [e for e, _, _ in _events(pg_engine, job_id)]
     assert history == ["created", "claimed", "dead"]
 
 
