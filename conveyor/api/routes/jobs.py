@@ -248,6 +248,13 @@ def get_events(job_id: uuid.UUID, key: Reader, state: State) -> EventsOut:
     return EventsOut(job_id=job_id, items=[EventOut.of(e) for e in events])
 
 
+def _refused(job_id: uuid.UUID, current: Job | None, rule: str, slug: str) -> Problem:
+    """Why a state change did not happen: no such job (404), or its state forbids it (409)."""
+    if current is None:
+        return Problem(404, f"no job {job_id}")
+    return Problem(409, f"job {job_id} is {current.state.value}; {rule}", slug=slug)
+
+
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=PROBLEMS)
 def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
     """Cancel a job that has not finished; a running one is stopped within seconds."""
@@ -255,17 +262,11 @@ def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
         job = store.cancel(session, job_id, tenant=key.tenant)
         if job is None:
             current = store.get_job(session, job_id, tenant=key.tenant)
-    if job is not None:
-        metrics.count_finished(job, "cancelled")
-        log.info("job cancelled", job_id=str(job.id), task=job.task, queue=job.queue)
-        return JobOut.of(job)
-    if current is None:
-        raise Problem(404, f"no job {job_id}")
-    raise Problem(
-        409,
-        f"job {job_id} is {current.state.value}; only unfinished jobs can be cancelled",
-        slug="not-cancellable",
-    )
+    if job is None:
+        raise _refused(job_id, current, "only unfinished jobs can be cancelled", "not-cancellable")
+    metrics.count_finished(job, "cancelled")
+    log.info("job cancelled", job_id=str(job.id), task=job.task, queue=job.queue)
+    return JobOut.of(job)
 
 
 @router.post("/{job_id}/retry", response_model=JobOut, responses=PROBLEMS)
@@ -276,12 +277,7 @@ def retry_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
         if job is None:
             current = store.get_job(session, job_id, tenant=key.tenant)
     if job is None:
-        if current is None:
-            raise Problem(404, f"no job {job_id}")
-        raise Problem(
-            409,
-            f"job {job_id} is {current.state.value}; only dead or cancelled jobs can be retried",
-            slug="not-retryable",
-        )
+        rule = "only dead or cancelled jobs can be retried"
+        raise _refused(job_id, current, rule, "not-retryable")
     outbox.publish_recorded(state.sessions, state.publisher, [job])
     return JobOut.of(job)
