@@ -106,6 +106,16 @@ class Cluster:
 
         return wait_until(finished, timeout=timeout, interval=0.5, what=f"{total} jobs to finish")
 
+    def events_of(self, job_id: str) -> list[tuple[str, str | None, float]]:
+        """A job's events as (event, worker, time): what a failed check prints."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(job_events.c.event, job_events.c.worker, job_events.c.at)
+                .where(job_events.c.job_id == job_id)
+                .order_by(job_events.c.id)
+            ).all()
+        return [(event, worker, at.timestamp()) for event, worker, at in rows]
+
     def overlapping_runs(self) -> int:
         """Claims made while an earlier attempt of the same job was still open, per the store."""
         closing = {"succeeded", "failed", "dead", "rescued", "released", "cancelled"}
@@ -217,13 +227,17 @@ class Receiver:
 
     def overlapping(self) -> int:
         """Deliveries of one key that overlapped in time."""
+        return len(self.overlaps())
+
+    def overlaps(self) -> list[tuple[Delivery, Delivery]]:
+        """Each pair of deliveries of one key where the later began before the earlier ended."""
         by_key: dict[str, list[Delivery]] = {}
         for delivery in self.deliveries:
             by_key.setdefault(delivery.key, []).append(delivery)
-        overlaps = 0
+        found = []
         for runs in by_key.values():
             runs.sort(key=lambda d: d.started)
             for earlier, later in itertools.pairwise(runs):
                 if later.started < earlier.ended:
-                    overlaps += 1
-        return overlaps
+                    found.append((earlier, later))
+        return found

@@ -96,7 +96,8 @@ def test_kills_lose_nothing_and_never_overlap(cluster: Cluster) -> None:
         assert states == {"succeeded": 500}
         keys = {d.key for d in receiver.deliveries}
         assert keys == set(hooks)
-        assert receiver.overlapping() == 0
+        overlaps = receiver.overlaps()
+        assert overlaps == [], [(pair, cluster.events_of(pair[0].key)) for pair in overlaps]
         assert cluster.overlapping_runs() == 0
         _report(
             test="kills",
