@@ -30,19 +30,23 @@ def limiter(request: pytest.FixtureRequest) -> Limiter:
 def test_slots_are_spaced_and_only_taken_within_the_horizon(
     limiter: Limiter, sessions: sessionmaker[Session]
 ) -> None:
+    # A second per slot: the six calls may take a while on a busy machine without
+    # moving any slot into or out of the horizon (3.5 s: the fifth slot is 4 s away).
+    interval, horizon = 1.0, 3.5
     before = dt.datetime.now(dt.UTC)
     with sessions.begin() as session:
-        answers = [limiter.reserve(session, "demo.echo", 0.1, 0.35) for _ in range(6)]
+        answers = [limiter.reserve(session, "demo.echo", interval, horizon) for _ in range(6)]
     assert [a.taken for a in answers] == [True, True, True, True, False, False]
     slots = [a.at for a in answers[:4]]
     assert slots[0] >= before - dt.timedelta(milliseconds=50)
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
-    assert all(abs(gap - 0.1) < 1e-3 for gap in gaps)
+    assert all(abs(gap - interval) < 1e-3 for gap in gaps)
     # Refused: ask again when the next free slot comes within the horizon.
-    next_free = slots[3] + dt.timedelta(seconds=0.1)
-    assert abs((answers[4].at - (next_free - dt.timedelta(seconds=0.35))).total_seconds()) < 1e-3
+    next_free = slots[3] + dt.timedelta(seconds=interval)
+    expected = next_free - dt.timedelta(seconds=horizon)
+    assert abs((answers[4].at - expected).total_seconds()) < 1e-3
     with sessions.begin() as session:
-        other = limiter.reserve(session, "demo.sleep", 0.1, 0.35)
+        other = limiter.reserve(session, "demo.sleep", interval, horizon)
     assert other.taken
 
 
@@ -95,10 +99,10 @@ def test_a_worker_waits_for_its_slot_then_starts(
 def test_a_job_with_no_slot_near_is_deferred_without_using_an_attempt(
     limiter: Limiter, sessions: sessionmaker[Session]
 ) -> None:
-    run = executor(sessions, limiter, {"demo.echo": TaskLimits(rate=1)})
+    run = executor(sessions, limiter, {"demo.echo": TaskLimits(rate=0.5)})
     first, second = submit(sessions, 2)
     assert run.run(first.id).action == "ran-succeeded"
-    # The next slot is a second away, beyond the half-second horizon.
+    # The next slot is two seconds away, well beyond the half-second horizon.
     outcome = run.run(second.id)
     assert outcome.action == "deferred"
     with sessions() as session:
