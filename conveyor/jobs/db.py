@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,16 @@ def try_transaction_lock(session: Session, key: int) -> bool:
     if not is_postgres(session):
         return True
     return bool(session.execute(select(func.pg_try_advisory_xact_lock(key))).scalar_one())
+
+
+def db_now(session: Session) -> dt.datetime:
+    """The database's current time, which decides leases, rescue, leadership and slots.
+
+    On PostgreSQL `now()`: the time the transaction began, one clock for every host
+    (a worker whose own clock runs ahead or behind cannot move a lease). SQLite runs
+    inside this process, so its clock and the host's are the same one.
+    """
+    if not is_postgres(session):
+        return dt.datetime.now(dt.UTC)
+    value: dt.datetime = session.execute(select(func.now())).scalar_one()
+    return value.astimezone(dt.UTC)

@@ -22,29 +22,38 @@ from sqlalchemy.engine import make_url
 
 from conveyor.jobs.models import Job
 
+# Every time here is the database's (`now()`): a worker's own clock never decides a lease.
+# `now` is given only where a caller fixes the time (tests of the store).
 CLAIM_SQL = """
 WITH moved AS (
-    UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = %(worker)s,
-        lease_expires_at = %(lease)s, started_at = %(now)s, updated_at = %(now)s,
+    UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1,
+        worker = %(worker)s,
+        lease_expires_at = COALESCE(%(now)s::timestamptz, now())
+            + make_interval(secs => %(lease_seconds)s::float8),
+        started_at = COALESCE(%(now)s::timestamptz, now()),
+        updated_at = COALESCE(%(now)s::timestamptz, now()),
         limit_key = COALESCE(%(limit_key)s, limit_key)
     WHERE id = %(id)s AND state = 'queued' AND attempts < max_attempts
     RETURNING *
 ), logged AS (
     INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
-    SELECT id, %(now)s, 'claimed', 'queued', 'running', attempts, %(worker)s FROM moved
+    SELECT id, updated_at, 'claimed', 'queued', 'running', attempts, %(worker)s FROM moved
 )
 SELECT * FROM moved
 """
 
 SUCCEED_SQL = """
 WITH moved AS (
-    UPDATE jobs SET state = 'succeeded', result = %(result)s, finished_at = %(now)s,
-        lease_expires_at = NULL, updated_at = %(now)s
-    WHERE id = %(id)s AND state = 'running' AND worker = %(worker)s AND attempts = %(attempt)s
+    UPDATE jobs SET state = 'succeeded', result = %(result)s,
+        finished_at = COALESCE(%(now)s::timestamptz, now()),
+        lease_expires_at = NULL, updated_at = COALESCE(%(now)s::timestamptz, now())
+    WHERE id = %(id)s AND state = 'running' AND lease_token = %(token)s
+        AND worker = %(worker)s
     RETURNING *
 ), logged AS (
     INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
-    SELECT id, %(now)s, 'succeeded', 'running', 'succeeded', %(attempt)s, %(worker)s FROM moved
+    SELECT id, updated_at, 'succeeded', 'running', 'succeeded', attempts, %(worker)s
+    FROM moved
 )
 SELECT * FROM moved
 """
@@ -55,30 +64,24 @@ def claim_params(
     *,
     worker: str,
     lease_seconds: float,
-    now: dt.datetime,
     limit_key: str | None = None,
+    now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """CLAIM_SQL's parameters."""
     return {
         "id": job_id,
         "worker": worker,
-        "lease": now + dt.timedelta(seconds=lease_seconds),
-        "now": now,
+        "lease_seconds": float(lease_seconds),
         "limit_key": limit_key,
+        "now": now,
     }
 
 
 def succeed_params(
-    job_id: uuid.UUID, *, worker: str, attempt: int, result: Any, now: dt.datetime
+    job_id: uuid.UUID, *, worker: str, token: int, result: Any, now: dt.datetime | None = None
 ) -> dict[str, Any]:
     """SUCCEED_SQL's parameters."""
-    return {
-        "id": job_id,
-        "worker": worker,
-        "attempt": attempt,
-        "result": Jsonb(result),
-        "now": now,
-    }
+    return {"id": job_id, "worker": worker, "token": token, "result": Jsonb(result), "now": now}
 
 
 class FastPath:
@@ -117,24 +120,18 @@ class FastPath:
             setattr(self._local, name, None)
             raise
 
-    def claim(
-        self, job_id: uuid.UUID, *, worker: str, lease_seconds: float, now: dt.datetime
-    ) -> Job | None:
+    def claim(self, job_id: uuid.UUID, *, worker: str, lease_seconds: float) -> Job | None:
         """queued → running, as store.claim."""
         row = self._run(
-            "claims",
-            CLAIM_SQL,
-            claim_params(job_id, worker=worker, lease_seconds=lease_seconds, now=now),
+            "claims", CLAIM_SQL, claim_params(job_id, worker=worker, lease_seconds=lease_seconds)
         )
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
 
-    def succeed(
-        self, job_id: uuid.UUID, *, worker: str, attempt: int, result: Any, now: dt.datetime
-    ) -> bool:
-        """running → succeeded, as store.succeed; False when the claim was lost."""
+    def succeed(self, job_id: uuid.UUID, *, worker: str, token: int, result: Any) -> bool:
+        """running → succeeded, as store.succeed; False when the run lost its lease."""
         row = self._run(
             "finishes",
             SUCCEED_SQL,
-            succeed_params(job_id, worker=worker, attempt=attempt, result=result, now=now),
+            succeed_params(job_id, worker=worker, token=token, result=result),
         )
         return row is not None

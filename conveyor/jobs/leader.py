@@ -8,15 +8,19 @@ from sqlalchemy import insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.store import utcnow
+from conveyor.jobs.db import db_now
 from conveyor.jobs.tables import leases
 
 
 def hold(
     session: Session, name: str, holder: str, ttl_seconds: float, *, now: dt.datetime | None = None
 ) -> bool:
-    """Take or renew the lease `name` for `holder`; False while someone else holds it."""
-    now = now or utcnow()
+    """Take or renew the lease `name` for `holder`; False while someone else holds it.
+
+    Timed by the database's clock, so a holder whose clock runs ahead or behind neither
+    keeps the lease too long nor takes it while it is held.
+    """
+    now = now or db_now(session)
     expires = now + dt.timedelta(seconds=ttl_seconds)
     taken = session.execute(
         update(leases)
@@ -39,5 +43,5 @@ def release(session: Session, name: str, holder: str) -> None:
     session.execute(
         update(leases)
         .where(leases.c.name == name, leases.c.holder == holder)
-        .values(expires_at=utcnow() - dt.timedelta(seconds=1))
+        .values(expires_at=db_now(session) - dt.timedelta(seconds=1))
     )

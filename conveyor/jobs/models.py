@@ -81,6 +81,7 @@ class Job:
     slot_at: dt.datetime | None = None
     traceparent: str | None = None
     request_id: str | None = None
+    lease_token: int = 0
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Job:

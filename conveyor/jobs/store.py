@@ -22,11 +22,12 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.db import is_postgres
+from conveyor.jobs.db import db_now, is_postgres
 from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL, claim_params, succeed_params
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
 from conveyor.jobs.states import (
@@ -145,7 +146,7 @@ def create_jobs(
     session: Session, new_jobs: Sequence[NewJob], *, now: dt.datetime | None = None
 ) -> list[Job]:
     """Record new jobs (queued, or scheduled when their run time is ahead), in order."""
-    now = now or utcnow()
+    now = now or db_now(session)
     if not new_jobs:
         return []
     rows = [_new_job_values(new, now) for new in new_jobs]
@@ -192,10 +193,13 @@ def mark_published(
     if ids:
         if is_postgres(session):
             session.execute(text("SET LOCAL synchronous_commit = off"))
+        stamp: Any = now
+        if stamp is None:
+            stamp = func.now() if is_postgres(session) else utcnow()
         session.execute(
             update(jobs)
             .where(jobs.c.id.in_(ids), jobs.c.published_at.is_(None))
-            .values(published_at=now or utcnow())
+            .values(published_at=stamp)
         )
 
 
@@ -208,15 +212,16 @@ def claim(
     now: dt.datetime | None = None,
     limit_key: str | None = None,
 ) -> Job | None:
-    """queued → running for `worker`, counting an attempt; None if not queued or exhausted."""
-    now = now or utcnow()
+    """queued → running for `worker`, counting an attempt and taking the next lease token.
+
+    None if not queued or exhausted. Without `now`, the lease is timed by the
+    database's clock (inside the statement on PostgreSQL).
+    """
     values: dict[str, Any] = {
         "state": JobState.RUNNING.value,
         "attempts": jobs.c.attempts + 1,
+        "lease_token": jobs.c.lease_token + 1,
         "worker": worker,
-        "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
-        "started_at": now,
-        "updated_at": now,
     }
     if limit_key is not None:
         values["limit_key"] = limit_key
@@ -227,17 +232,17 @@ def claim(
             .exec_driver_sql(
                 CLAIM_SQL,
                 claim_params(
-                    job_id,
-                    worker=worker,
-                    lease_seconds=lease_seconds,
-                    now=now,
-                    limit_key=limit_key,
+                    job_id, worker=worker, lease_seconds=lease_seconds, limit_key=limit_key, now=now
                 ),
             )
             .mappings()
             .first()
         )
         return None if row is None else Job.from_row(row)
+    now = now or db_now(session)
+    values.update(
+        lease_expires_at=now + dt.timedelta(seconds=lease_seconds), started_at=now, updated_at=now
+    )
     job = _transition(
         session,
         job_id,
@@ -251,7 +256,7 @@ def claim(
 
 def promote(session: Session, job_id: uuid.UUID, *, now: dt.datetime | None = None) -> Job | None:
     """scheduled or retrying → queued once its due time has come."""
-    now = now or utcnow()
+    now = now or db_now(session)
     before = get_job(session, job_id)
     if before is None:
         return None
@@ -276,27 +281,27 @@ def succeed(
     job_id: uuid.UUID,
     *,
     worker: str,
-    attempt: int,
+    token: int,
     result: Any,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """running → succeeded, only for the worker and attempt that hold the claim."""
-    now = now or utcnow()
+    """running → succeeded, only for the run holding lease token `token`."""
     if is_postgres(session):
         row = (
             session.connection()
             .exec_driver_sql(
                 SUCCEED_SQL,
-                succeed_params(job_id, worker=worker, attempt=attempt, result=result, now=now),
+                succeed_params(job_id, worker=worker, token=token, result=result, now=now),
             )
             .mappings()
             .first()
         )
         return None if row is None else Job.from_row(row)
+    now = now or db_now(session)
     job = _transition(
         session,
         job_id,
-        _held_by(worker, attempt),
+        _held_by(worker, token),
         {
             "state": JobState.SUCCEEDED.value,
             "result": result,
@@ -310,11 +315,12 @@ def succeed(
     return job
 
 
-def _held_by(worker: str, attempt: int) -> list[Any]:
+def _held_by(worker: str, token: int) -> list[Any]:
+    """The run holding lease token `token` (on `worker`) still has the job."""
     return [
         jobs.c.state == JobState.RUNNING.value,
+        jobs.c.lease_token == token,
         jobs.c.worker == worker,
-        jobs.c.attempts == attempt,
     ]
 
 
@@ -332,17 +338,18 @@ def fail_retry(
     job_id: uuid.UUID,
     *,
     worker: str,
-    attempt: int,
+    token: int,
     error: JobError,
-    run_after: dt.datetime,
+    delay_seconds: float,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """running → retrying until `run_after`; None if no attempts are left or not held."""
-    now = now or utcnow()
+    """running → retrying for `delay_seconds`; None if no attempts are left or not held."""
+    now = now or db_now(session)
+    run_after = now + dt.timedelta(seconds=delay_seconds)
     job = _transition(
         session,
         job_id,
-        [*_held_by(worker, attempt), jobs.c.attempts < jobs.c.max_attempts],
+        [*_held_by(worker, token), jobs.c.attempts < jobs.c.max_attempts],
         {
             "state": JobState.RETRYING.value,
             "run_after": run_after,
@@ -371,7 +378,7 @@ def dead(
     job_id: uuid.UUID,
     *,
     worker: str,
-    attempt: int,
+    token: int,
     error: JobError,
     now: dt.datetime | None = None,
 ) -> Job | None:
@@ -379,11 +386,11 @@ def dead(
     return _bury(
         session,
         job_id,
-        _held_by(worker, attempt),
+        _held_by(worker, token),
         error=error,
         from_state=JobState.RUNNING,
         worker=worker,
-        now=now or utcnow(),
+        now=now or db_now(session),
     )
 
 
@@ -403,7 +410,7 @@ def exhaust(
         error=error,
         from_state=JobState.QUEUED,
         worker=worker,
-        now=now or utcnow(),
+        now=now or db_now(session),
     )
 
 
@@ -414,27 +421,36 @@ def cancel(
     tenant: str | None = None,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """Any non-terminal state → cancelled; a running job's worker sees it and stops."""
-    now = now or utcnow()
-    before = get_job(session, job_id, tenant=tenant)
-    if before is None or before.state not in CANCELLABLE_STATES:
-        return None
-    job = _transition(
-        session,
-        job_id,
-        [jobs.c.state == before.state.value],
-        {
+    """Any non-terminal state → cancelled; a running job's worker sees it and stops.
+
+    None only when the job is missing or already finished: a cancel that races another
+    transition (a claim, a promotion) reads the row again and cancels its new state. A
+    running job keeps its lease as the stop window of its run (see `requeue`).
+    """
+    now = now or db_now(session)
+    for _ in range(10):
+        before = get_job(session, job_id, tenant=tenant)
+        if before is None or before.state not in CANCELLABLE_STATES:
+            return None
+        values: dict[str, Any] = {
             "state": JobState.CANCELLED.value,
             "cancel_requested": True,
             "finished_at": now,
             "run_after": None,
-            "lease_expires_at": None,
             "updated_at": now,
-        },
-    )
-    if job is not None:
-        _event(session, job, "cancelled", before.state, at=now, worker=before.worker)
-    return job
+        }
+        if before.state != JobState.RUNNING:
+            values["lease_expires_at"] = None
+        job = _transition(
+            session,
+            job_id,
+            [jobs.c.state == before.state.value, jobs.c.lease_token == before.lease_token],
+            values,
+        )
+        if job is not None:
+            _event(session, job, "cancelled", before.state, at=now, worker=before.worker)
+            return job
+    raise RuntimeError(f"job {job_id} kept changing while being cancelled")
 
 
 def requeue(
@@ -444,27 +460,79 @@ def requeue(
     tenant: str | None = None,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """dead or cancelled → queued under the same id, with its attempts counted afresh."""
-    now = now or utcnow()
+    """dead or cancelled → queued under the same id, with its attempts counted afresh.
+
+    The lease token is kept, so the next claim takes a token no earlier run held. A job
+    cancelled while running whose run may still be stopping (its lease has not lapsed
+    and the run has not reported that it stopped) waits `scheduled` until that lease
+    ends: two runs of one job never overlap.
+    """
+    now = now or db_now(session)
     before = get_job(session, job_id, tenant=tenant)
     if before is None or before.state not in REQUEUEABLE_STATES:
         return None
+    stopping = before.lease_expires_at is not None and before.lease_expires_at > now
+    values: dict[str, Any] = {
+        "state": (JobState.SCHEDULED if stopping else JobState.QUEUED).value,
+        "attempts": 0,
+        "finished_at": None,
+        "cancel_requested": False,
+        "worker": None,
+        "published_at": None,
+        "run_after": before.lease_expires_at if stopping else None,
+        "updated_at": now,
+    }
+    if not stopping:
+        values["lease_expires_at"] = None
     job = _transition(
         session,
         job_id,
-        [jobs.c.state == before.state.value],
-        {
-            "state": JobState.QUEUED.value,
-            "attempts": 0,
-            "finished_at": None,
-            "cancel_requested": False,
-            "worker": None,
-            "published_at": None,
-            "updated_at": now,
-        },
+        [jobs.c.state == before.state.value, jobs.c.lease_token == before.lease_token],
+        values,
     )
     if job is not None:
-        _event(session, job, "requeued", before.state, at=now)
+        detail = {"waits_for_run_to_stop": True} if stopping else None
+        _event(session, job, "requeued", before.state, at=now, detail=detail)
+    return job
+
+
+def stopped(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    token: int,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """A run that was taken away has stopped: end its stop window.
+
+    A retry waiting for this run (see `requeue`) becomes due at once. None when the job
+    has moved on (a newer run holds it) or the run's lease had already ended.
+    """
+    now = now or db_now(session)
+    job = _transition(
+        session,
+        job_id,
+        [
+            jobs.c.lease_token == token,
+            jobs.c.state != JobState.RUNNING.value,
+            jobs.c.lease_expires_at.is_not(None),
+        ],
+        {"lease_expires_at": None},
+    )
+    if job is None:
+        return None
+    if job.state == JobState.SCHEDULED and job.run_after is not None and job.run_after > now:
+        job = (
+            _transition(
+                session,
+                job_id,
+                [jobs.c.state == JobState.SCHEDULED.value, jobs.c.lease_token == token],
+                {"run_after": now, "published_at": None, "updated_at": now},
+            )
+            or job
+        )
+    _event(session, job, "stopped", job.state, at=now, worker=worker)
     return job
 
 
@@ -473,16 +541,16 @@ def release(
     job_id: uuid.UUID,
     *,
     worker: str,
-    attempt: int,
+    token: int,
     reason: str,
     now: dt.datetime | None = None,
 ) -> Job | None:
     """running → queued without counting a failure (shutdown, lost worker)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     job = _transition(
         session,
         job_id,
-        _held_by(worker, attempt),
+        _held_by(worker, token),
         {
             "state": JobState.QUEUED.value,
             "lease_expires_at": None,
@@ -517,7 +585,7 @@ def record_dropped_delivery(
         job,
         "delivery_dropped",
         job.state,
-        at=now or utcnow(),
+        at=now or db_now(session),
         worker=worker,
         detail={"reason": reason},
     )
@@ -575,7 +643,7 @@ def due_for_publish(
     published with a countdown; and waiting jobs overdue past `cutoff` whatever the
     broker was told, since their delayed message may have been lost.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     waiting = jobs.c.state.in_([s.value for s in WAITING_STATES])
     statement = (
         select(jobs)
@@ -605,34 +673,32 @@ def renew_leases(
     session: Session,
     held: Sequence[tuple[uuid.UUID, int]],
     *,
-    worker: str,
     lease_seconds: float,
     now: dt.datetime | None = None,
-) -> set[uuid.UUID]:
-    """Extend the leases of running jobs `worker` holds; returns the ids still held.
+) -> set[tuple[uuid.UUID, int]]:
+    """Extend the leases of running jobs held under these (id, lease token) pairs.
 
-    An id missing from the answer was cancelled, rescued or finished elsewhere: the
-    run holding it must stop.
+    Returns the pairs still held. A pair missing from the answer was cancelled, rescued
+    or finished elsewhere, or a newer run holds the job: the run holding it must stop.
+    On PostgreSQL the new expiry is the database's clock plus `lease_seconds`.
     """
     if not held:
         return set()
-    now = now or utcnow()
-    still: set[uuid.UUID] = set()
-    attempts = dict(held)
+    expires: Any
+    if is_postgres(session) and now is None:
+        expires = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, float(lease_seconds))
+    else:
+        expires = (now or db_now(session)) + dt.timedelta(seconds=lease_seconds)
     rows = session.execute(
         update(jobs)
         .where(
-            jobs.c.id.in_(list(attempts)),
+            tuple_(jobs.c.id, jobs.c.lease_token).in_([(i, t) for i, t in held]),
             jobs.c.state == JobState.RUNNING.value,
-            jobs.c.worker == worker,
         )
-        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-        .returning(jobs.c.id, jobs.c.attempts)
+        .values(lease_expires_at=expires)
+        .returning(jobs.c.id, jobs.c.lease_token)
     ).all()
-    for job_id, attempt in rows:
-        if attempts.get(job_id) == attempt:
-            still.add(job_id)
-    return still
+    return {(job_id, int(token)) for job_id, token in rows}
 
 
 def rescue(
@@ -642,7 +708,7 @@ def rescue(
     now: dt.datetime | None = None,
 ) -> Job | None:
     """running with an expired lease → queued, or → dead when no attempts are left."""
-    now = now or utcnow()
+    now = now or db_now(session)
     expired = [jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < now]
     before = get_job(session, job_id)
     if before is None:
@@ -692,7 +758,10 @@ def expired_leases(
     """Running jobs whose worker stopped renewing its lease."""
     statement = (
         select(jobs.c.id)
-        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires_at < (now or utcnow()))
+        .where(
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.lease_expires_at < (now or db_now(session)),
+        )
         .limit(limit)
     )
     return list(session.execute(statement).scalars())
@@ -888,7 +957,7 @@ def defer(
     It does not fail and uses no attempt. `slot_at` is set while it waits for a rate
     limit (the time its limit is expected to have room), None for other waits.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     values: dict[str, Any] = {
         "state": JobState.SCHEDULED.value,
         "run_after": run_after,

@@ -95,6 +95,10 @@ jobs = Table(
     Column("request_hash", String(64), nullable=True),
     Column("worker", String(255), nullable=True),
     Column("lease_expires_at", UTCDateTime(), nullable=True),
+    # The fencing token of the job's current (or last) run: every claim takes the next
+    # one and it never goes back, not even when a retry counts attempts afresh, so a
+    # stale run's renewals and outcome writes can never pass for a newer run's.
+    Column("lease_token", BigInteger, nullable=False, default=0, server_default=text("0")),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("scheduled_at", UTCDateTime(), nullable=True),

@@ -11,14 +11,17 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 from pydantic import ValidationError
 from sqlalchemy import update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.config import TaskLimits
 from conveyor.jobs import store
+from conveyor.jobs.db import db_now
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
@@ -37,9 +40,9 @@ SLOT_SLACK = dt.timedelta(milliseconds=2)
 
 @dataclass(frozen=True)
 class _Slot:
-    """A rate-limit slot this delivery holds: it claims the job once `at` comes."""
+    """A rate-limit slot this delivery holds: it claims the job after `wait` seconds."""
 
-    at: dt.datetime
+    wait: float
 
 
 @dataclass
@@ -72,7 +75,7 @@ class RunContext:
                 .where(
                     jobs_table.c.id == self.job.id,
                     jobs_table.c.state == JobState.RUNNING.value,
-                    jobs_table.c.worker == self.job.worker,
+                    jobs_table.c.lease_token == self.job.lease_token,
                 )
                 .values(progress=progress)
             )
@@ -99,6 +102,9 @@ class Outcome:
 
 
 Reschedule = Callable[[Job], None]
+_T = TypeVar("_T")
+# Errors of a database that is briefly away (restart, failover, dropped connection).
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError)
 
 
 def job_context(job: Job) -> dict[str, Any]:
@@ -160,9 +166,7 @@ class Executor:
         worker = self._worker()
         job: Job | Outcome | None = None
         if self._fast_path is not None and not self._limits:
-            job = self._fast_path.claim(
-                job_id, worker=worker, lease_seconds=self._lease_seconds, now=store.utcnow()
-            )
+            job = self._fast_path.claim(job_id, worker=worker, lease_seconds=self._lease_seconds)
         if job is None:
             # Flow control needs a transaction around its checks and the claim.
             job = self._claim(sessions, job_id, worker)
@@ -176,42 +180,75 @@ class Executor:
         started = time.perf_counter()
         observe_start(job)
         log.info("job started")
-        lost = self.leases.hold(job.id, job.attempts, job.timeout_seconds)
+        token = job.lease_token
+        lost = self.leases.hold(job.id, token, job.timeout_seconds)
         try:
-            task_type = self._registry.get(job.task)
-            payload = task_type.validate(job.payload)
-            result = task_type.handler(payload, RunContext(job, sessions, lost))
+            try:
+                task_type = self._registry.get(job.task)
+                payload = task_type.validate(job.payload)
+                result = task_type.handler(payload, RunContext(job, sessions, lost))
+            except Exception as error:
+                metrics.JOB_RUN_SECONDS.labels(job.task).observe(time.perf_counter() - started)
+                if lost.is_set():
+                    return self._lost(sessions, job, worker)
+                return self._failed(sessions, job, worker, error)
+            elapsed = time.perf_counter() - started
+            metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
+            # The lease is still renewed while the outcome is written, so a write that
+            # meets a passing database error can be tried again under it.
+            held = self._write(lost, lambda: self._succeed(sessions, job, worker, result))
         except JobCancelled:
-            log.info("job stopped: it was cancelled or taken away")
-            return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
-        except Exception as error:
-            metrics.JOB_RUN_SECONDS.labels(job.task).observe(time.perf_counter() - started)
-            if lost.is_set():
-                log.info("job stopped: it was cancelled or taken away")
-                return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
-            return self._failed(sessions, job, worker, error)
+            return self._lost(sessions, job, worker)
         finally:
-            self.leases.drop(job.id)
-        elapsed = time.perf_counter() - started
-        metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
-        if self._fast_path is not None:
-            held = self._fast_path.succeed(
-                job.id, worker=worker, attempt=job.attempts, result=result, now=store.utcnow()
-            )
-        else:
-            with sessions.begin() as session:
-                held = (
-                    store.succeed(
-                        session, job.id, worker=worker, attempt=job.attempts, result=result
-                    )
-                    is not None
-                )
+            self.leases.drop(job.id, token)
         if not held:
             log.info("job result not recorded: it was cancelled or taken away")
-            return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+            return self._lost(sessions, job, worker, stopped=False)
         metrics.count_finished(job, JobState.SUCCEEDED.value)
         log.info("job succeeded", run_seconds=round(elapsed, 6))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
+
+    def _succeed(self, sessions: sessionmaker[Session], job: Job, worker: str, result: Any) -> bool:
+        if self._fast_path is not None:
+            return self._fast_path.succeed(
+                job.id, worker=worker, token=job.lease_token, result=result
+            )
+        with sessions.begin() as session:
+            done = store.succeed(
+                session, job.id, worker=worker, token=job.lease_token, result=result
+            )
+        return done is not None
+
+    def _write(self, lost: threading.Event, write: Callable[[], _T]) -> _T:
+        """Run an outcome write, trying again through transient database errors.
+
+        It keeps trying while the run holds its lease: once the lease is lost the job
+        is someone else's (cancelled or rescued), and the write could only be refused.
+        """
+        pause = 0.05
+        while True:
+            try:
+                return write()
+            except TRANSIENT_DB_ERRORS as error:
+                if lost.is_set():
+                    raise
+                log.warning("could not record the outcome, trying again: %s", error)
+                lost.wait(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _lost(
+        self, sessions: sessionmaker[Session], job: Job, worker: str, *, stopped: bool = True
+    ) -> Outcome:
+        """The run was taken away (cancelled or rescued) and has stopped: say so."""
+        log.info("job stopped: it was cancelled or taken away")
+        if stopped:
+            try:
+                with sessions.begin() as session:
+                    store.stopped(session, job.id, worker=worker, token=job.lease_token)
+            except TRANSIENT_DB_ERRORS as error:
+                # Its lease ends by itself; a retry waiting for it then goes ahead.
+                log.warning("could not record that the run stopped: %s", error)
+        return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
 
     def _claim(
         self,
@@ -225,9 +262,8 @@ class Executor:
             taken = self._claim_in(session, job_id, worker, holds_slot=False)
         if not isinstance(taken, _Slot):
             return taken
-        pause = (taken.at - store.utcnow()).total_seconds()
-        if pause > 0:
-            time.sleep(pause)
+        if taken.wait > 0:
+            time.sleep(taken.wait)
         with sessions.begin() as session:
             claimed = self._claim_in(session, job_id, worker, holds_slot=True)
         assert not isinstance(claimed, _Slot)
@@ -241,13 +277,9 @@ class Executor:
             return taken
         current = store.get_job(session, job_id)
         assert current is not None
-        expired = (
-            current.state == JobState.RUNNING
-            and current.lease_expires_at is not None
-            and current.lease_expires_at < store.utcnow()
-        )
         waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
-        rescued = store.rescue(session, job_id) if expired else None
+        # Whether the lease has expired is the database's to say, not this host's clock.
+        rescued = store.rescue(session, job_id) if current.state == JobState.RUNNING else None
         if rescued is not None and rescued.state == JobState.DEAD:
             metrics.count_finished(rescued, JobState.DEAD.value)
         if rescued is not None or (waiting and store.promote(session, job_id) is not None):
@@ -297,7 +329,7 @@ class Executor:
         if spec is None:
             return None
         key = limit_key(spec, current.payload, current.tags)
-        now = store.utcnow()
+        now = db_now(session)
         if spec.concurrency and key is not None:
             store.lock_limit_key(session, f"{current.task}|{key}")
             if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
@@ -306,7 +338,7 @@ class Executor:
                 return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
         if holds_slot or self._limiter is None or not (spec.rate or spec.key_rate):
             return key
-        start = now
+        pause = 0.0
         names = []
         if spec.rate:
             names.append((current.task, 1 / spec.rate))
@@ -320,8 +352,8 @@ class Executor:
                 return store.defer(
                     session, job_id, run_after=answer.at, slot_at=answer.at, reason="rate"
                 )
-            start = max(start, answer.at)
-        return _Slot(start) if start > now + SLOT_SLACK else key
+            pause = max(pause, answer.wait_seconds)
+        return _Slot(pause) if pause > SLOT_SLACK.total_seconds() else key
 
     @staticmethod
     def _exhausted(session: Session, job: Job, worker: str) -> Outcome:
@@ -342,19 +374,12 @@ class Executor:
             delay = retry_delay(
                 job.attempts, base=task_type.retry_base_seconds, cap=task_type.retry_cap_seconds
             )
-            now = store.utcnow()
-            with sessions.begin() as session:
-                waiting = store.fail_retry(
-                    session,
-                    job.id,
-                    worker=worker,
-                    attempt=job.attempts,
-                    error=described,
-                    run_after=now + dt.timedelta(seconds=delay),
-                    now=now,
-                )
+            waiting = self._write(
+                threading.Event(),
+                lambda: self._fail_retry(sessions, job, worker, described, delay),
+            )
             if waiting is None:
-                return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+                return self._lost(sessions, job, worker, stopped=False)
             metrics.JOBS_RETRIED.labels(job.task).inc()
             log.warning(
                 "job failed; retrying",
@@ -365,13 +390,33 @@ class Executor:
             # A retry the broker did not take is published by the relay when due.
             self._reschedule(waiting)
             return Outcome(job.id, "ran-retrying", JobState.RETRYING, delay)
-        with sessions.begin() as session:
-            gone = store.dead(session, job.id, worker=worker, attempt=job.attempts, error=described)
+        gone = self._write(threading.Event(), lambda: self._dead(sessions, job, worker, described))
         if gone is None:
-            return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
+            return self._lost(sessions, job, worker, stopped=False)
         metrics.count_finished(job, JobState.DEAD.value)
         log.error("job dead", error_type=described.type, error=described.message)
         return Outcome(job.id, "ran-dead", JobState.DEAD)
+
+    @staticmethod
+    def _fail_retry(
+        sessions: sessionmaker[Session], job: Job, worker: str, error: JobError, delay: float
+    ) -> Job | None:
+        with sessions.begin() as session:
+            return store.fail_retry(
+                session,
+                job.id,
+                worker=worker,
+                token=job.lease_token,
+                error=error,
+                delay_seconds=delay,
+            )
+
+    @staticmethod
+    def _dead(
+        sessions: sessionmaker[Session], job: Job, worker: str, error: JobError
+    ) -> Job | None:
+        with sessions.begin() as session:
+            return store.dead(session, job.id, worker=worker, token=job.lease_token, error=error)
 
     @staticmethod
     def _state(sessions: sessionmaker[Session], job_id: uuid.UUID) -> JobState | None:

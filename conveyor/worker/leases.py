@@ -1,8 +1,12 @@
 """Keeping the leases of running jobs alive, and noticing when a job is taken away.
 
-Each worker process renews the leases of the jobs it is running from one background
-thread. A job whose lease cannot be renewed was cancelled or rescued: its run is told
-to stop, and if it does not stop by itself within a grace, it is stopped by force.
+Each worker process renews the leases of the runs it holds from one background thread.
+A run is known by its job id and its lease token (a new token for every claim), so a
+stale run and a newer run of the same job are never confused. A run whose lease cannot
+be renewed was cancelled or rescued: it is told to stop, and if it does not stop by
+itself within a grace, it is stopped by force. Every stop acts only on the run it was
+meant for: it is decided and delivered under the keeper's lock, while that run is still
+held, and a run that ends clears any stop still pending for its thread.
 """
 
 from __future__ import annotations
@@ -35,22 +39,34 @@ class JobTimedOut(Exception):
     """Raised inside a run that outlived its time limit where Celery cannot enforce one."""
 
 
-@dataclass
-class Held:
-    """A run this process is holding."""
+RunKey = tuple[uuid.UUID, int]
 
-    attempt: int
+
+@dataclass(eq=False)
+class Held:
+    """A run this process is holding: its job, its lease token and the thread it runs on."""
+
+    job_id: uuid.UUID
+    token: int
     thread_id: int
     deadline: float | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     lost_at: float | None = None
+    # Set once an exception was sent into the run's thread; the run clears it if it
+    # ends before the exception arrives, so it cannot surface in the next job.
+    interrupted: bool = False
+    forced: bool = False
+
+    @property
+    def key(self) -> RunKey:
+        """(job id, lease token)."""
+        return (self.job_id, self.token)
 
 
-def _raise_in_thread(thread_id: int, error: type[BaseException] = JobCancelled) -> bool:
-    """Raise `error` in another thread of this process at its next bytecode."""
-    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(error)
-    )
+def _set_async_exc(thread_id: int, error: type[BaseException] | None) -> bool:
+    """Raise `error` in another thread at its next bytecode; None clears a pending one."""
+    target = ctypes.py_object(error) if error is not None else None
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
     return bool(done == 1)
 
 
@@ -73,31 +89,36 @@ class LeaseKeeper:
         self._interval = interval
         self._stop_grace = stop_grace
         self.kill_process = kill_process
-        self._held: dict[uuid.UUID, Held] = {}
+        self._held: dict[RunKey, Held] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._renewed_at = time.monotonic()
         self._pid = -1
 
-    def hold(
-        self, job_id: uuid.UUID, attempt: int, timeout: float | None = None
-    ) -> threading.Event:
+    def hold(self, job_id: uuid.UUID, token: int, timeout: float | None = None) -> threading.Event:
         """Start renewing a run's lease; the returned event is set if the job is taken away.
 
         Outside a prefork child (where Celery enforces time limits), a run still going
         after `timeout` seconds gets JobTimedOut raised in it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        held = Held(attempt, threading.get_ident(), deadline)
+        held = Held(job_id, token, threading.get_ident(), deadline)
         with self._lock:
-            self._held[job_id] = held
+            self._held[held.key] = held
             self._ensure_thread()
         return held.lost
 
-    def drop(self, job_id: uuid.UUID) -> None:
-        """Stop renewing a run's lease (it finished)."""
+    def drop(self, job_id: uuid.UUID, token: int) -> None:
+        """Stop renewing a run's lease (it ended); clear any stop not yet delivered to it."""
         with self._lock:
-            self._held.pop(job_id, None)
+            held = self._held.pop((job_id, token), None)
+            if held is not None and held.interrupted and held.thread_id == threading.get_ident():
+                _set_async_exc(held.thread_id, None)
+
+    def holds(self, job_id: uuid.UUID, token: int) -> bool:
+        """Whether this process still holds the run."""
+        with self._lock:
+            return (job_id, token) in self._held
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
@@ -121,52 +142,56 @@ class LeaseKeeper:
         if unrenewed < self._lease_seconds - 2 * self._interval - self._stop_grace:
             return
         with self._lock:
-            held = list(self._held.items())
-        for job_id, h in held:
-            if h.lost_at is None:
-                h.lost_at = time.monotonic()
-                h.lost.set()
-                log.warning("lease of job %s could not be renewed; stopping it", job_id)
-            elif time.monotonic() - h.lost_at >= self._stop_grace:
-                self._force_stop(job_id, h)
+            for held in list(self._held.values()):
+                self._lose(held, time.monotonic(), "its lease could not be renewed")
 
     def renew_once(self) -> None:
         """Renew every held lease once, and stop the runs that lost theirs."""
         with self._lock:
-            held = {job_id: h for job_id, h in self._held.items()}
-        if not held:
+            snapshot = list(self._held.values())
+        if not snapshot:
             self._renewed_at = time.monotonic()
             return
         with self._sessions().begin() as session:
             still = store.renew_leases(
                 session,
-                [(job_id, h.attempt) for job_id, h in held.items()],
-                worker=self._worker(),
+                [h.key for h in snapshot if h.lost_at is None],
                 lease_seconds=self._lease_seconds,
             )
         now = time.monotonic()
         self._renewed_at = now
-        for job_id, h in held.items():
-            if job_id in still:
-                if not self.kill_process and h.deadline is not None and now > h.deadline:
-                    h.deadline = None
-                    log.warning("job %s passed its time limit; stopping the attempt", job_id)
-                    _raise_in_thread(h.thread_id, JobTimedOut)
-                continue
-            if h.lost_at is None:
-                h.lost_at = now
-                h.lost.set()
-                log.info("job %s was taken away (cancelled or rescued); stopping it", job_id)
-            elif now - h.lost_at >= self._stop_grace:
-                self._force_stop(job_id, h)
-
-    def _force_stop(self, job_id: uuid.UUID, held: Held) -> None:
-        log.warning("job %s did not stop by itself; stopping it by force", job_id)
         with self._lock:
-            self._held.pop(job_id, None)
+            for held in snapshot:
+                # The round trip took time: act only on runs that are still the ones held.
+                if self._held.get(held.key) is not held:
+                    continue
+                if held.key not in still:
+                    self._lose(held, now, "it was cancelled or taken away")
+                elif not self.kill_process and held.deadline is not None and now > held.deadline:
+                    held.deadline = None
+                    log.warning("job %s passed its time limit; stopping the attempt", held.job_id)
+                    held.interrupted = True
+                    _set_async_exc(held.thread_id, JobTimedOut)
+
+    def _lose(self, held: Held, now: float, why: str) -> None:
+        """Tell a held run to stop; stop it by force after the grace. Caller holds the lock."""
+        if held.lost_at is None:
+            held.lost_at = now
+            held.lost.set()
+            log.info("job %s: %s; stopping it", held.job_id, why)
+        elif not held.forced and now - held.lost_at >= self._stop_grace:
+            self._force_stop(held)
+
+    def _force_stop(self, held: Held) -> None:
+        """Stop the run by force; the caller holds the lock and saw the run still held."""
+        log.warning("job %s did not stop by itself; stopping it by force", held.job_id)
+        # It stays held until its run ends (drop), so that a stop still pending then
+        # is cleared instead of reaching whatever the thread runs next.
+        held.forced = True
         if self.kill_process:
             # A prefork child: its pool replaces it, and the unacknowledged message
             # comes back and is dropped, since the job is no longer queued.
             os.kill(os.getpid(), signal.SIGKILL)
         else:
-            _raise_in_thread(held.thread_id)
+            held.interrupted = True
+            _set_async_exc(held.thread_id, JobCancelled)

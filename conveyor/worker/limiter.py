@@ -13,7 +13,6 @@ a row lock.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,27 +22,40 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.config import Settings, TaskLimits
+from conveyor.jobs.db import db_now
 from conveyor.jobs.tables import rate_limits
 
 RESERVE = """
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local now = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-local horizon = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local horizon = tonumber(ARGV[2])
 if tat < now then tat = now end
-if tat - now > horizon then return {0, tostring(tat - horizon)} end
+if tat - now > horizon then return {0, tostring(tat - horizon), tostring(now)} end
 local ttl = math.ceil((tat + interval - now) * 1000) + 60000
 redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
-return {1, tostring(tat)}
+return {1, tostring(tat), tostring(now)}
 """
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A rate limit's answer: a slot at `at` (taken), or no slot before `at`."""
+    """A rate limit's answer: a slot at `at` (taken), or no slot before `at`.
+
+    Both times are on the clock the slots are kept by (Redis's, or the database's),
+    given as `now` at the moment of the answer: a worker waits `at - now`, never
+    comparing `at` with its own clock.
+    """
 
     taken: bool
     at: dt.datetime
+    now: dt.datetime
+
+    @property
+    def wait_seconds(self) -> float:
+        """How long from the answer until `at`."""
+        return max(0.0, (self.at - self.now).total_seconds())
 
 
 class Limiter(Protocol):
@@ -63,10 +75,13 @@ class RedisLimiter:
 
     def reserve(self, session: Session, name: str, interval: float, horizon: float) -> Reservation:
         """Reserve in Redis; the session is not used."""
-        taken, at = self._script(
-            keys=[f"conveyor:rate:{name}"], args=[time.time(), interval, horizon]
+        # Redis's own clock: one for every worker, whatever each host's clock says.
+        taken, at, now = self._script(keys=[f"conveyor:rate:{name}"], args=[interval, horizon])
+        return Reservation(
+            bool(int(taken)),
+            dt.datetime.fromtimestamp(float(at), dt.UTC),
+            dt.datetime.fromtimestamp(float(now), dt.UTC),
         )
-        return Reservation(bool(int(taken)), dt.datetime.fromtimestamp(float(at), dt.UTC))
 
 
 class StoreLimiter:
@@ -74,7 +89,7 @@ class StoreLimiter:
 
     def reserve(self, session: Session, name: str, interval: float, horizon: float) -> Reservation:
         """Reserve in the caller's transaction."""
-        now = dt.datetime.now(dt.UTC)
+        now = db_now(session)
         step = dt.timedelta(seconds=interval)
         ahead = dt.timedelta(seconds=horizon)
         for _ in range(3):
@@ -84,15 +99,15 @@ class StoreLimiter:
             if row is not None:
                 start: dt.datetime = max(row.tat, now)
                 if start - now > ahead:
-                    return Reservation(False, start - ahead)
+                    return Reservation(False, start - ahead, now)
                 session.execute(
                     update(rate_limits).where(rate_limits.c.name == name).values(tat=start + step)
                 )
-                return Reservation(True, start)
+                return Reservation(True, start, now)
             try:
                 with session.begin_nested():
                     session.execute(insert(rate_limits), {"name": name, "tat": now + step})
-                return Reservation(True, now)
+                return Reservation(True, now, now)
             except IntegrityError:
                 continue
         raise RuntimeError(f"could not reserve a slot of {name}")

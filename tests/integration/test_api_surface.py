@@ -35,7 +35,7 @@ def kill_job(engine: Engine, job_id: str) -> None:
     with sessions.begin() as session:
         claimed = store.claim(session, parsed, worker="test:1", lease_seconds=30)
         assert claimed is not None
-        store.dead(session, parsed, worker="test:1", attempt=1, error=JobError("Boom", "it broke"))
+        store.dead(session, parsed, worker="test:1", token=1, error=JobError("Boom", "it broke"))
 
 
 def routes(job_id: str, dead_id: str) -> list[tuple[str, str, dict[str, Any] | None, str]]:
@@ -265,7 +265,7 @@ def test_stats_and_queues(client: TestClient, pg_engine: Engine) -> None:
     sessions = make_session_factory(pg_engine)
     with sessions.begin() as session:
         store.claim(session, uuid.UUID(done_id), worker="t:1", lease_seconds=30)
-        store.succeed(session, uuid.UUID(done_id), worker="t:1", attempt=1, result=None)
+        store.succeed(session, uuid.UUID(done_id), worker="t:1", token=1, result=None)
     client.post("/v1/jobs", json={"task": "demo.echo", "priority": "low"}, headers=headers)
     stats = client.get("/v1/stats", params={"window": "15m"}, headers=headers).json()
     assert stats["window_seconds"] == 900

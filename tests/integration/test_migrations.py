@@ -107,7 +107,7 @@ def assert_store_works(engine: Engine) -> None:
         store.create_job(session, new, now=now)
         claimed = store.claim(session, new.id, worker="w", lease_seconds=5, now=now)
         assert claimed is not None
-        done = store.succeed(session, new.id, worker="w", attempt=1, result={"b": 2}, now=now)
+        done = store.succeed(session, new.id, worker="w", token=1, result={"b": 2}, now=now)
         assert done is not None
         session.commit()
     with sessions() as session:

@@ -216,7 +216,7 @@ def test_cleanup_never_holds_up_workers(db: sessionmaker[Session]) -> None:
                 )
                 job = timed(store.create_job, new)
                 timed(store.claim, job.id, worker="w:1", lease_seconds=30)
-                timed(store.succeed, job.id, worker="w:1", attempt=1, result={"ok": True})
+                timed(store.succeed, job.id, worker="w:1", token=1, result={"ok": True})
                 written.append(job.id)
         except BaseException as error:  # reported by the main thread
             errors.append(error)

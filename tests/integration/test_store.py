@@ -115,19 +115,19 @@ def in_state(db: Store, state: JobState, **overrides: Any) -> Job:
     if state is S.RUNNING:
         return job
     if state is S.SUCCEEDED:
-        result = db(store.succeed, job.id, worker=WORKER, attempt=1, result={"ok": 1}, now=at(2))
+        result = db(store.succeed, job.id, worker=WORKER, token=1, result={"ok": 1}, now=at(2))
     elif state is S.RETRYING:
         result = db(
             store.fail_retry,
             job.id,
             worker=WORKER,
-            attempt=1,
+            token=1,
             error=ERROR,
-            run_after=at(12),
+            delay_seconds=10,
             now=at(2),
         )
     elif state is S.DEAD:
-        result = db(store.dead, job.id, worker=WORKER, attempt=1, error=ERROR, now=at(2))
+        result = db(store.dead, job.id, worker=WORKER, token=1, error=ERROR, now=at(2))
     else:  # pragma: no cover - every state is handled above
         raise AssertionError(state)
     assert result.state is state
@@ -297,7 +297,7 @@ def test_claim_refused_unless_queued(db: Store) -> None:
 
 def test_claim_refused_when_attempts_are_exhausted(db: Store) -> None:
     job = in_state(db, S.RUNNING, max_attempts=1)
-    released = db(store.release, job.id, worker=WORKER, attempt=1, reason="shutdown", now=at(2))
+    released = db(store.release, job.id, worker=WORKER, token=1, reason="shutdown", now=at(2))
     assert (released.state, released.attempts) == (S.QUEUED, 1)
     db.refused(store.claim, job.id, worker=WORKER, lease_seconds=30, now=at(3))
 
@@ -353,7 +353,7 @@ def test_promote_refused_from_other_states(db: Store) -> None:
 
 
 def _succeed(db: Store, job_id: uuid.UUID, worker: str, attempt: int) -> Any:
-    return db(store.succeed, job_id, worker=worker, attempt=attempt, result=[1], now=at(50))
+    return db(store.succeed, job_id, worker=worker, token=attempt, result=[1], now=at(50))
 
 
 def _fail_retry(db: Store, job_id: uuid.UUID, worker: str, attempt: int) -> Any:
@@ -361,19 +361,19 @@ def _fail_retry(db: Store, job_id: uuid.UUID, worker: str, attempt: int) -> Any:
         store.fail_retry,
         job_id,
         worker=worker,
-        attempt=attempt,
+        token=attempt,
         error=ERROR,
-        run_after=at(60),
+        delay_seconds=10,
         now=at(50),
     )
 
 
 def _dead(db: Store, job_id: uuid.UUID, worker: str, attempt: int) -> Any:
-    return db(store.dead, job_id, worker=worker, attempt=attempt, error=ERROR, now=at(50))
+    return db(store.dead, job_id, worker=worker, token=attempt, error=ERROR, now=at(50))
 
 
 def _release(db: Store, job_id: uuid.UUID, worker: str, attempt: int) -> Any:
-    return db(store.release, job_id, worker=worker, attempt=attempt, reason="x", now=at(50))
+    return db(store.release, job_id, worker=worker, token=attempt, reason="x", now=at(50))
 
 
 HOLDER_OPS = {"succeed": _succeed, "fail_retry": _fail_retry, "dead": _dead, "release": _release}
@@ -395,7 +395,7 @@ def test_holder_ops_refused_for_another_worker(db: Store) -> None:
 
 def test_holder_ops_refused_for_a_stale_attempt(db: Store) -> None:
     job = in_state(db, S.RUNNING)
-    db(store.release, job.id, worker=WORKER, attempt=1, reason="lost", now=at(2))
+    db(store.release, job.id, worker=WORKER, token=1, reason="lost", now=at(2))
     again = db(store.claim, job.id, worker=WORKER, lease_seconds=30, now=at(3))
     assert again.attempts == 2
     for name, op in HOLDER_OPS.items():
@@ -424,7 +424,7 @@ def test_holder_ops_refused_for_a_missing_job(db: Store) -> None:
 
 def test_succeed(db: Store) -> None:
     job = in_state(db, S.RUNNING)
-    done = db(store.succeed, job.id, worker=WORKER, attempt=1, result={"out": [1, "x"]}, now=at(5))
+    done = db(store.succeed, job.id, worker=WORKER, token=1, result={"out": [1, "x"]}, now=at(5))
 
     assert done.state is S.SUCCEEDED
     assert done.result == {"out": [1, "x"]}
@@ -444,9 +444,9 @@ def test_fail_retry(db: Store) -> None:
         store.fail_retry,
         job.id,
         worker=WORKER,
-        attempt=1,
+        token=1,
         error=ERROR,
-        run_after=at(12.5),
+        delay_seconds=10.5,
         now=at(2),
     )
 
@@ -469,19 +469,19 @@ def test_fail_retry_refused_when_attempts_are_exhausted(db: Store) -> None:
         store.fail_retry,
         job.id,
         worker=WORKER,
-        attempt=1,
+        token=1,
         error=ERROR,
-        run_after=at(10),
+        delay_seconds=8,
         now=at(2),
     )
     # The holder must then bury it instead.
-    assert db(store.dead, job.id, worker=WORKER, attempt=1, error=ERROR, now=at(2)) is not None
+    assert db(store.dead, job.id, worker=WORKER, token=1, error=ERROR, now=at(2)) is not None
 
 
 def test_dead(db: Store) -> None:
     job = in_state(db, S.RUNNING)
     error = JobError("X" * 300, "permanent", None, None)
-    buried = db(store.dead, job.id, worker=WORKER, attempt=1, error=error, now=at(4))
+    buried = db(store.dead, job.id, worker=WORKER, token=1, error=error, now=at(4))
 
     assert buried.state is S.DEAD
     assert buried.finished_at == at(4)
@@ -497,7 +497,7 @@ def test_dead(db: Store) -> None:
 def test_release_requeues_without_counting_a_failure(db: Store) -> None:
     job = in_state(db, S.RUNNING)
     db(store.mark_published, [job.id], now=at(1))
-    released = db(store.release, job.id, worker=WORKER, attempt=1, reason="shutdown", now=at(3))
+    released = db(store.release, job.id, worker=WORKER, token=1, reason="shutdown", now=at(3))
 
     assert released.state is S.QUEUED
     assert released.attempts == 1
@@ -517,7 +517,7 @@ def test_release_requeues_without_counting_a_failure(db: Store) -> None:
 
 def test_exhaust_buries_a_queued_job_with_no_attempts_left(db: Store) -> None:
     job = in_state(db, S.RUNNING, max_attempts=1)
-    db(store.release, job.id, worker=WORKER, attempt=1, reason="lost", now=at(2))
+    db(store.release, job.id, worker=WORKER, token=1, reason="lost", now=at(2))
     error = JobError("AttemptsExhausted", "delivered with no attempts left")
     buried = db(store.exhaust, job.id, worker=OTHER_WORKER, error=error, now=at(3))
 
@@ -557,7 +557,9 @@ def test_cancel(db: Store) -> None:
             assert cancelled.finished_at == cancelled.updated_at == at(7)
             assert cancelled.cancel_requested is True
             assert cancelled.run_after is None
-            assert cancelled.lease_expires_at is None
+            # A running job's lease stays as its run's stop window (see requeue).
+            kept = job.lease_expires_at if state is S.RUNNING else None
+            assert cancelled.lease_expires_at == kept
             assert db.job(job.id) == cancelled
             event = db.events(job.id)[-1]
             assert (event.event, event.from_state, event.to_state) == (
@@ -678,17 +680,17 @@ def test_list_events_is_the_history_oldest_first(db: Store) -> None:
         store.fail_retry,
         job.id,
         worker=WORKER,
-        attempt=1,
+        token=1,
         error=ERROR,
-        run_after=at(15),
+        delay_seconds=3,
         now=at(12),
     )
     db(store.promote, job.id, now=at(15))
     db(store.claim, job.id, worker=WORKER, lease_seconds=30, now=at(16))
-    db(store.release, job.id, worker=WORKER, attempt=2, reason="shutdown", now=at(17))
+    db(store.release, job.id, worker=WORKER, token=2, reason="shutdown", now=at(17))
     claimed = db(store.claim, job.id, worker=OTHER_WORKER, lease_seconds=30, now=at(18))
     db(store.record_dropped_delivery, claimed, worker=WORKER, reason="dup", now=at(19))
-    db(store.dead, job.id, worker=OTHER_WORKER, attempt=3, error=ERROR, now=at(20))
+    db(store.dead, job.id, worker=OTHER_WORKER, token=3, error=ERROR, now=at(20))
     db(store.requeue, job.id, now=at(21))
     db(store.cancel, job.id, now=at(22))
     # Another job's history stays out of this one.
