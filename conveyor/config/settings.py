@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -14,7 +15,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_BROKER = "memory://"
 POOLS = ("high", "default", "low")
@@ -131,6 +132,11 @@ class Settings(BaseSettings):
     # when every slot that near is taken, the job is deferred until one frees up.
     rate_horizon_seconds: float = Field(default=1.0, gt=0, le=60)
 
+    # webhook.deliver reaches public addresses only; these networks (comma-separated CIDRs,
+    # e.g. 10.20.0.0/16 for receivers on the private network) are let through as well.
+    # Read as text, not JSON, so a plain list of networks is the whole syntax.
+    webhook_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # auto: JSON lines, or readable lines when stderr is a terminal.
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -165,6 +171,15 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
         return value.rstrip("/") if value else None
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value
+        return tuple(_network(str(item).strip()) for item in value if str(item).strip())
 
     @field_validator("high_autoscale_min", "default_autoscale_min", "low_autoscale_min")
     @classmethod
@@ -218,6 +233,21 @@ class Settings(BaseSettings):
         """The longest any run in the pool may take, in seconds; None for no cap."""
         value: float | None = getattr(self, f"{pool}_time_limit_seconds")
         return value
+
+
+def _network(text: str) -> IPv4Network | IPv6Network:
+    try:
+        return ip_network(text)
+    except ValueError:
+        pass
+    try:
+        # A typo like 10.0.0.1/8 would allow more or less than meant: say what it means.
+        meant = ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a network in CIDR notation, such as 10.0.0.0/8"
+        ) from None
+    raise ValueError(f"{text!r} has host bits set; the network is {meant}")
 
 
 def describe_error(error: ValidationError) -> str:
