@@ -17,7 +17,8 @@ from typing import Any
 
 from celery import beat
 
-from conveyor.jobs import leader, outbox, schedules, store
+from conveyor.jobs import leader, outbox, schedules
+from conveyor.jobs.db import db_now
 from conveyor.jobs.models import Job
 from conveyor.observability import metrics, tracing
 from conveyor.tasks import registry
@@ -50,11 +51,19 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
             log.warning("beat cannot reach the job store: %s", error)
             self.leading = False
             metrics.BEAT_LEADER.set(0)
+            maintainer = getattr(app, "conveyor_maintainer", None)
+            if maintainer is not None:
+                maintainer.lead(False)
             return TICK_SECONDS
         if leading != self.leading:
             log.warning("beat %s %s", self.holder, "leads" if leading else "stands by")
             self.leading = leading
         metrics.BEAT_LEADER.set(1 if leading else 0)
+        # The platform's own chores (rescue, relay, rollups, retention) run here, on the
+        # leader, whichever pools the deployment serves.
+        maintainer = getattr(app, "conveyor_maintainer", None)
+        if maintainer is not None:
+            maintainer.lead(leading)
         if not leading:
             return TICK_SECONDS
         try:
@@ -66,6 +75,9 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
 
     def close(self) -> None:
         """Hand the lease over at once when this beat stops."""
+        maintainer = getattr(self.app, "conveyor_maintainer", None)
+        if maintainer is not None:
+            maintainer.stop()
         if self.leading:
             try:
                 with self.app.conveyor_store.sessions().begin() as session:
@@ -78,9 +90,9 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
 def fire_due(app: Any, *, misfire_grace_seconds: float) -> list[Job]:
     """Create the jobs of every due tick of every enabled schedule, and publish them."""
     sessions = app.conveyor_store.sessions()
-    now = store.utcnow()
     created: list[Job] = []
     with sessions() as session:
+        now = db_now(session)
         due = schedules.due_schedules(session, now=now)
     for schedule in due:
         ticks, following = schedules.ticks_to_fire(

@@ -1,7 +1,6 @@
 """Settings and the Celery configuration derived from them."""
 
 from conveyor.config.celery_config import (
-    MAINTENANCE_QUEUE,
     RUN_TASK,
     celery_config,
     dead_letter_queue,
@@ -19,7 +18,6 @@ from conveyor.config.settings import (
 
 __all__ = [
     "EMBEDDED_BROKER",
-    "MAINTENANCE_QUEUE",
     "POOLS",
     "RUN_TASK",
     "Settings",

@@ -852,6 +852,27 @@ def forget_stale_publications(
     return len(result.all())
 
 
+def forget_overtaken_publications(session: Session, *, queue: str, grace_seconds: float) -> int:
+    """Mark unpublished the queued jobs of `queue` that later-published jobs overtook.
+
+    A queue hands out its messages in order, so a job still queued although a job
+    published more than `grace_seconds` after it is already running had its message
+    lost. Works with a backlog in the queue, where an empty-queue check cannot.
+    """
+    front = session.execute(
+        select(func.max(jobs.c.published_at)).where(
+            jobs.c.queue == queue, jobs.c.state == JobState.RUNNING.value
+        )
+    ).scalar_one_or_none()
+    if front is None:
+        return 0
+    if front.tzinfo is None:
+        front = front.replace(tzinfo=dt.UTC)
+    return forget_stale_publications(
+        session, queue=queue, published_before=front - dt.timedelta(seconds=grace_seconds)
+    )
+
+
 def lock_idempotency_key(session: Session, tenant: str, key: str) -> bool:
     """Take the transaction's lock on a tenant's idempotency key; False if another holds it.
 

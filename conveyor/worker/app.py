@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -11,7 +10,6 @@ import uuid
 from typing import Any
 
 import psycopg
-import redis
 from celery import Celery, Task
 from celery.signals import (
     setup_logging,
@@ -23,23 +21,27 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from conveyor.config import (
-    MAINTENANCE_QUEUE,
     RUN_TASK,
     Settings,
     celery_config,
-    dead_letter_queue,
     is_amqp,
 )
-from conveyor.jobs import outbox, store
+from conveyor.jobs import outbox
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job
-from conveyor.observability import logs, metrics, tracing
+from conveyor.observability import logs, tracing
 from conveyor.tasks import registry
-from conveyor.worker.broker import queue_depths
+from conveyor.worker import maintenance
 from conveyor.worker.execute import Executor
 from conveyor.worker.leases import LeaseKeeper
 from conveyor.worker.limiter import limiter_for
-from conveyor.worker.maintenance import aggregate_once, cleanup_once
+from conveyor.worker.maintenance import (
+    aggregate_once,
+    cleanup_once,
+    maintainer_for,
+    relay_with_checks,
+    rescue_once,
+)
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle, worker_name
 
@@ -52,44 +54,16 @@ def _leave_logging_alone(**_kwargs: Any) -> None:
     its hands off the root logger, so its lines come out in the same format."""
 
 
-RELAY_TASK = "conveyor.relay"
-RESCUE_TASK = "conveyor.rescue"
-AGGREGATE_TASK = "conveyor.aggregate"
-CLEANUP_TASK = "conveyor.cleanup"
+RELAY_TASK = maintenance.RELAY
+RESCUE_TASK = maintenance.RESCUE
+AGGREGATE_TASK = maintenance.AGGREGATE
+CLEANUP_TASK = maintenance.CLEANUP
 
 
 def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None) -> Celery:
     """A Celery app for these settings: the run task, the relay, and the beat schedule."""
     app = Celery("conveyor", set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.conf.beat_schedule = {
-        "relay": {
-            "task": RELAY_TASK,
-            "schedule": settings.relay_interval_seconds,
-            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.relay_interval_seconds * 5},
-        },
-        "rescue": {
-            "task": RESCUE_TASK,
-            "schedule": settings.rescue_interval_seconds,
-            "options": {
-                "queue": MAINTENANCE_QUEUE,
-                "expires": settings.rescue_interval_seconds * 3,
-            },
-        },
-        "aggregate": {
-            "task": AGGREGATE_TASK,
-            "schedule": settings.aggregate_interval_seconds,
-            "options": {
-                "queue": MAINTENANCE_QUEUE,
-                "expires": settings.aggregate_interval_seconds * 2,
-            },
-        },
-        "cleanup": {
-            "task": CLEANUP_TASK,
-            "schedule": settings.cleanup_interval_seconds,
-            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.cleanup_interval_seconds},
-        },
-    }
     # Beat keeps no file: one leader, chosen through the store, schedules everything.
     app.conf.beat_scheduler = "conveyor.beat.scheduler:ConveyorScheduler"
     handle = store_handle or StoreHandle(settings.database_url)
@@ -132,6 +106,9 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
     app.conveyor_store = handle
     app.conveyor_publisher = publisher
     app.conveyor_executor = executor
+    # Run by the beat leader in its own process (see maintenance); the tasks below are
+    # the same bodies, for a person or a script that wants one pass now.
+    app.conveyor_maintainer = maintainer_for(app, handle, publisher, settings)
 
     @app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True, shared=False)
     def run(self: Task, job_id: str) -> None:
@@ -169,14 +146,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
 
     @app.task(name=RELAY_TASK, ignore_result=True, shared=False)
     def relay() -> int:
-        if broker_forgot(settings.broker_url):
-            with handle.sessions().begin() as session:
-                count = store.forget_publications(session)
-            log.warning("the broker restarted empty; republishing %d queued jobs", count)
-        if is_amqp(settings.broker_url):
-            record_broker_dead_letters(app, handle)
-        sweep_lost_messages(app, handle, grace_seconds=settings.relay_grace_seconds)
-        return relay_once(handle, publisher, grace_seconds=settings.relay_grace_seconds)
+        return relay_with_checks(app, handle, publisher, settings)
 
     @app.task(name=RESCUE_TASK, ignore_result=True, shared=False)
     def rescue() -> int:
@@ -208,114 +178,8 @@ def start_shutdown_watchdog(grace_seconds: float) -> threading.Timer:
     return timer
 
 
-def sweep_lost_messages(app: Celery, handle: StoreHandle, *, grace_seconds: float) -> int:
-    """Republish queued jobs of every empty queue whose messages have gone missing."""
-    cutoff = store.utcnow() - dt.timedelta(seconds=grace_seconds)
-    forgotten = 0
-    for queue, depth in queue_depths(app).items():
-        if depth:
-            continue
-        with handle.sessions().begin() as session:
-            forgotten += store.forget_stale_publications(
-                session, queue=queue, published_before=cutoff
-            )
-    if forgotten:
-        log.warning("%d queued jobs had no message in the broker; publishing again", forgotten)
-    return forgotten
-
-
-def record_broker_dead_letters(app: Celery, handle: StoreHandle, limit: int = 500) -> int:
-    """Record messages RabbitMQ dead-lettered, and let the relay publish their jobs again."""
-    recorded = 0
-    with app.connection_for_write() as connection:
-        queue = dead_letter_queue()(connection.default_channel)
-        queue.declare()
-        for _ in range(limit):
-            message = queue.get(no_ack=False, accept=["json"])
-            if message is None:
-                break
-            job_id = _job_id_of(message.payload)
-            if job_id is not None:
-                with handle.sessions().begin() as session:
-                    job = store.get_job(session, job_id)
-                    if job is not None:
-                        store.record_dropped_delivery(
-                            session, job, worker="rabbitmq", reason="dead-lettered by the broker"
-                        )
-                        if job.state.value == "queued":
-                            store.forget_publication(session, job_id)
-                recorded += 1
-            message.ack()
-    return recorded
-
-
-def _job_id_of(payload: Any) -> uuid.UUID | None:
-    try:
-        args = payload[0] if isinstance(payload, list) else payload.get("args")
-        return uuid.UUID(str(args[0]))
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        return None
-
-
-EPOCH_KEY = "conveyor:broker-epoch"
-
-
-def broker_forgot(broker_url: str) -> bool:
-    """True once after a Redis broker came back without its data (or on first use).
-
-    A marker key lives in the broker itself: when it is missing, so is every message
-    that was queued with it.
-    """
-    if not broker_url.startswith(("redis://", "rediss://")):
-        return False
-    client = redis.Redis.from_url(broker_url, socket_timeout=2)
-    try:
-        return bool(client.set(EPOCH_KEY, store.utcnow().isoformat(), nx=True))
-    finally:
-        client.close()
-
-
-def rescue_once(handle: StoreHandle, publisher: CeleryPublisher, limit: int = 500) -> int:
-    """Requeue (or bury) running jobs whose worker stopped renewing their lease."""
-    sessions = handle.sessions()
-    requeued: list[Job] = []
-    with sessions.begin() as session:
-        for job_id in store.expired_leases(session, limit=limit):
-            job = store.rescue(session, job_id)
-            if job is not None and job.state.value == "queued":
-                requeued.append(job)
-            elif job is not None and job.state.value == "dead":
-                metrics.count_finished(job, "dead")
-    if requeued:
-        log.warning("rescued %d jobs whose worker stopped responding", len(requeued))
-        outbox.publish_recorded(sessions, publisher, requeued)
-    return len(requeued)
-
-
 def _publish_one(handle: StoreHandle, publisher: CeleryPublisher, job: Job) -> None:
     outbox.publish_recorded(handle.sessions(), publisher, [job])
-
-
-def relay_once(
-    handle: StoreHandle, publisher: CeleryPublisher, *, grace_seconds: float, limit: int = 1000
-) -> int:
-    """Publish what the broker may be missing: unpublished queued jobs and overdue waiting ones."""
-    sessions = handle.sessions()
-    now = store.utcnow()
-    cutoff = now - dt.timedelta(seconds=grace_seconds)
-    with sessions.begin() as session:
-        candidates = store.due_for_publish(session, cutoff=cutoff, now=now, limit=limit)
-        ready = []
-        for job in candidates:
-            if job.state.value in ("scheduled", "retrying"):
-                promoted = store.promote(session, job.id, now=now)
-                if promoted is not None:
-                    ready.append(promoted)
-            else:
-                ready.append(job)
-    if ready and outbox.publish_recorded(sessions, publisher, ready):
-        log.info("relay published %d jobs", len(ready))
-    return len(ready)
 
 
 def app_for(settings: Settings, **kwargs: Any) -> Celery:
