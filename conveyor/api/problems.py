@@ -11,6 +11,8 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from conveyor.tasks.json_values import ERROR_TYPE as UNSTORABLE
+
 PROBLEM_JSON = "application/problem+json"
 
 TITLES = {
@@ -104,17 +106,18 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        errors = validation_errors(error.errors())
-        malformed = any(e.get("type") == "json_invalid" for e in error.errors())
-        detail = "the body is not valid JSON" if malformed else "the request is invalid"
-        return problem_response(
-            Problem(
-                422,
-                detail,
-                slug="malformed-json" if malformed else "validation-error",
-                errors=errors,
-            )
-        )
+        raw = error.errors()
+        errors = validation_errors(raw)
+        malformed = any(e.get("type") == "json_invalid" for e in raw)
+        unstorable = bool(raw) and all(e.get("type") == UNSTORABLE for e in raw)
+        if malformed:
+            detail, slug = "the body is not valid JSON", "malformed-json"
+        elif unstorable:
+            detail = "the request holds a value the job store cannot keep exactly as sent"
+            slug = "unstorable-value"
+        else:
+            detail, slug = "the request is invalid", "validation-error"
+        return problem_response(Problem(422, detail, slug=slug, errors=errors))
 
     async def on_store_down(_request: Request, _error: Exception) -> JSONResponse:
         return problem_response(

@@ -11,11 +11,24 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from conveyor.jobs.anomalies import Episode, Signal
 from conveyor.jobs.models import Job, JobEvent
 from conveyor.jobs.states import JobState, Priority
+from conveyor.tasks.json_values import require_storable
 
 Tag = Field(min_length=1, max_length=64)
 
 
-class JobIn(BaseModel):
+class StorableBody(BaseModel):
+    """A request body refused (422, naming the place) if the store could not keep it as sent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        # Before any field is read: Python's json has already turned 1e999 into infinity,
+        # which the store would write as null.
+        require_storable(data, cls.__name__)
+        return data
+
+
+class JobIn(StorableBody):
     """A job to submit."""
 
     model_config = ConfigDict(

@@ -8,6 +8,7 @@ from typing import Any
 from conveyor.jobs.models import NewJob
 from conveyor.observability import tracing
 from conveyor.observability.logs import current_request_id
+from conveyor.tasks.json_values import require_storable
 from conveyor.tasks.registry import Registry
 
 
@@ -30,18 +31,24 @@ def build_new_job(
     """A NewJob with the task type's defaults filled in.
 
     Raises UnknownTask for an unregistered task and pydantic's ValidationError for a
-    payload its model refuses. The stored payload is the validated one, in JSON form.
-    The job belongs to the current trace and API request, or to a new trace.
+    payload its model refuses or the store could not keep as given (a number that is not
+    finite, a NUL character, a lone surrogate). The stored payload is the validated one,
+    in JSON form. The job belongs to the current trace and API request, or to a new trace.
     """
     task_type = registry.get(task)
+    # Checked as given, since the JSON form would quietly hold null for an infinity; and
+    # as stored, for what the model itself produced.
+    require_storable(payload, task_type.payload_model.__name__)
     model = task_type.validate(payload)
+    stored = model.model_dump(mode="json")
+    require_storable(stored, task_type.payload_model.__name__)
     if delay_seconds is not None:
         run_at = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=delay_seconds)
     chosen = priority or task_type.priority.value
     return NewJob(
         tenant=tenant,
         task=task,
-        payload=model.model_dump(mode="json"),
+        payload=stored,
         priority=chosen,
         queue=chosen,
         max_attempts=max_attempts or task_type.max_attempts,

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from conveyor.api.deps import Reader, State, Submitter
 from conveyor.api.problems import Problem, validation_errors
 from conveyor.api.routes.jobs import PROBLEMS
+from conveyor.api.schemas import StorableBody
 from conveyor.jobs import schedules
 from conveyor.jobs.schedules import Schedule, ScheduleError
 from conveyor.jobs.states import JobState, Priority
@@ -24,7 +25,7 @@ Name = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._
 Misfire = Literal["run_once", "skip"]
 
 
-class ScheduleIn(BaseModel):
+class ScheduleIn(StorableBody):
     """A schedule to create: exactly one of `cron` and `interval_seconds`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +40,7 @@ class ScheduleIn(BaseModel):
     misfire: Misfire = Field("run_once", description="After beat was down: run once or skip")
 
 
-class SchedulePatch(BaseModel):
+class SchedulePatch(StorableBody):
     """Changes to a schedule; give `cron` or `interval_seconds` to change its timing."""
 
     model_config = ConfigDict(extra="forbid")
