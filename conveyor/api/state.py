@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +17,60 @@ from conveyor.jobs import keys
 from conveyor.jobs.outbox import Publisher
 
 KEY_CACHE_SECONDS = 10.0
+# How long a request waits on a broker probe (readiness, queue depths): a frozen broker
+# must cost /readyz and /v1/queues this much, not the whole outage.
+PROBE_SECONDS = 1.5
+
+T = TypeVar("T")
+
+
+class _Flight(Generic[T]):
+    """One run of a probe on its own thread, and what it came back with."""
+
+    def __init__(self, probe: Callable[[], T]) -> None:
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: Exception | None = None
+        self._probe = probe
+        threading.Thread(target=self._run, name="conveyor-broker-probe", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.value = self._probe()
+        except Exception as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
+class BoundedProbe(Generic[T]):
+    """Calls a probe on a thread of its own and waits for it at most `seconds`.
+
+    One run at a time: while a run is stuck on a frozen broker, later callers wait on that
+    same run instead of starting another, so an outage ties up one thread, not one per
+    request.
+    """
+
+    def __init__(self, probe: Callable[[], T], seconds: float = PROBE_SECONDS) -> None:
+        self.seconds = seconds
+        self._probe = probe
+        self._lock = threading.Lock()
+        self._flight: _Flight[T] | None = None
+        self._pid = os.getpid()
+
+    def __call__(self) -> T:
+        """The probe's answer; TimeoutError when it does not come within `seconds`."""
+        with self._lock:
+            flight = self._flight
+            # A forked process has no thread behind an inherited run.
+            if flight is None or flight.done.is_set() or self._pid != os.getpid():
+                flight = self._flight = _Flight(self._probe)
+                self._pid = os.getpid()
+        if not flight.done.wait(self.seconds):
+            raise TimeoutError(f"no answer within {self.seconds:g} s")
+        if flight.error is not None:
+            raise flight.error
+        return cast(T, flight.value)
 
 
 @dataclass
@@ -55,6 +111,11 @@ class ApiState:
     limiter: RateLimiter | None = None
 
     def __post_init__(self) -> None:
+        # Routes call these on request threads: bound them whatever the broker does.
+        if not isinstance(self.broker_check, BoundedProbe):
+            self.broker_check = BoundedProbe(self.broker_check)
+        if self.queue_depths is not None and not isinstance(self.queue_depths, BoundedProbe):
+            self.queue_depths = BoundedProbe(self.queue_depths)
         if self.limiter is None:
             self.limiter = RateLimiter(
                 self.settings.api_rate_per_second, float(self.settings.api_rate_burst)

@@ -47,6 +47,27 @@ def dead_letter_queue() -> Queue:
 
 MAINTENANCE_QUEUE = "high"
 
+# How long the API and the relay wait on any one reply from the broker. A frozen broker or
+# a partition closes no socket, so without a bound a publish or a probe waits forever.
+BROKER_CALL_TIMEOUT_SECONDS = 1.0
+
+
+def bounded_transport_options(
+    broker_url: str, timeout: float = BROKER_CALL_TIMEOUT_SECONDS
+) -> dict[str, Any]:
+    """Transport options, on top of the shared ones, for publishing and probing connections.
+
+    Every socket wait gives up after `timeout`. Not for the workers' consumers: there a
+    slow reply would count as a lost connection, and losing it cancels running jobs.
+    """
+    if broker_url.startswith(("redis://", "rediss://")):
+        # redis-py's own timeouts, per read and per connect (kombu passes them through).
+        return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if is_amqp(broker_url):
+        # py-amqp sets these as SO_RCVTIMEO/SO_SNDTIMEO; a publisher confirm waits as long.
+        return {"read_timeout": timeout, "write_timeout": timeout}
+    return {}
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a Conveyor app; every choice carries its reason."""

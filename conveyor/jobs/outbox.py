@@ -27,7 +27,9 @@ class Publisher(Protocol):
     def publish(self, jobs: Sequence[Job]) -> list[uuid.UUID]:
         """Publish a message per job to its queue; returns the ids actually published.
 
-        A job waiting far ahead may be left to the relay and not be returned.
+        A job waiting far ahead may be left to the relay and not be returned. Returns or
+        raises within about a second even when the broker does not answer; the error may
+        carry `published`, the ids whose messages went out before it.
         """
         ...
 
@@ -43,6 +45,11 @@ def publish_recorded(
         published = publisher.publish(ready)
     except Exception as error:  # the relay publishes these later
         log.warning("publish failed, the relay will retry: %s", error)
+        # What went out before the failure needs no second message.
+        sent = [i for i in getattr(error, "published", ()) if isinstance(i, uuid.UUID)]
+        if sent:
+            with sessions.begin() as session:
+                store.mark_published(session, sent)
         return False
     with sessions.begin() as session:
         store.mark_published(session, published)

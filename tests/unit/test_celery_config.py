@@ -8,7 +8,11 @@ from typing import Any
 import pytest
 from kombu.entity import Queue
 
-from conveyor.config.celery_config import celery_config
+from conveyor.config.celery_config import (
+    BROKER_CALL_TIMEOUT_SECONDS,
+    bounded_transport_options,
+    celery_config,
+)
 from conveyor.config.settings import Settings
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -86,6 +90,42 @@ def test_memory_broker_has_neither_redis_nor_amqp_options() -> None:
     options = config_for("memory://")["broker_transport_options"]
     assert "confirm_publish" not in options
     assert "visibility_timeout" not in options
+
+
+@pytest.mark.parametrize("broker", ALL_BROKERS)
+def test_consumers_keep_blocking_reads(broker: str) -> None:
+    # The workers' connections take the shared options: no socket timeout there, since a
+    # slow reply would count as a lost connection and cancel running jobs.
+    options = config_for(broker)["broker_transport_options"]
+    for key in ("socket_timeout", "socket_connect_timeout", "read_timeout", "write_timeout"):
+        assert key not in options
+
+
+@pytest.mark.parametrize("broker", [REDIS, "rediss://h:6380/0"])
+def test_redis_publishing_connections_time_out(broker: str) -> None:
+    options = bounded_transport_options(broker)
+    assert options == {
+        "socket_timeout": BROKER_CALL_TIMEOUT_SECONDS,
+        "socket_connect_timeout": BROKER_CALL_TIMEOUT_SECONDS,
+    }
+    assert 0 < BROKER_CALL_TIMEOUT_SECONDS <= 1.0
+    assert bounded_transport_options(broker, 0.5)["socket_timeout"] == 0.5
+
+
+@pytest.mark.parametrize("broker", [AMQP, "amqps://h//"])
+def test_amqp_publishing_connections_time_out(broker: str) -> None:
+    options = bounded_transport_options(broker)
+    assert options == {
+        "read_timeout": BROKER_CALL_TIMEOUT_SECONDS,
+        "write_timeout": BROKER_CALL_TIMEOUT_SECONDS,
+    }
+    # Laid over the shared options, confirms stay on.
+    merged = {**config_for(broker)["broker_transport_options"], **options}
+    assert merged["confirm_publish"] is True
+
+
+def test_memory_broker_needs_no_timeouts() -> None:
+    assert bounded_transport_options("memory://") == {}
 
 
 def test_prefetch_follows_the_settings() -> None:
