@@ -263,7 +263,12 @@ def promote(session: Session, job_id: uuid.UUID, *, now: dt.datetime | None = No
     job = _transition(
         session,
         job_id,
-        [jobs.c.state.in_([s.value for s in WAITING_STATES]), jobs.c.run_after <= now],
+        [
+            jobs.c.state.in_([s.value for s in WAITING_STATES]),
+            jobs.c.run_after <= now,
+            # A retry waiting for its cancelled run to stop (see requeue) stays put.
+            or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at <= now),
+        ],
         {
             "state": JobState.QUEUED.value,
             "run_after": None,
@@ -424,14 +429,15 @@ def cancel(
     """Any non-terminal state → cancelled; a running job's worker sees it and stops.
 
     None only when the job is missing or already finished: a cancel that races another
-    transition (a claim, a promotion) reads the row again and cancels its new state. A
-    running job keeps its lease as the stop window of its run (see `requeue`).
+    transition (a claim, a promotion) reads the row again and cancels its new state.
     """
     now = now or db_now(session)
     for _ in range(10):
         before = get_job(session, job_id, tenant=tenant)
         if before is None or before.state not in CANCELLABLE_STATES:
             return None
+        # The lease is left as it is: a running job's becomes its run's stop window, and
+        # a retry still waiting for a cancelled run to stop keeps that run's window.
         values: dict[str, Any] = {
             "state": JobState.CANCELLED.value,
             "cancel_requested": True,
@@ -439,8 +445,6 @@ def cancel(
             "run_after": None,
             "updated_at": now,
         }
-        if before.state != JobState.RUNNING:
-            values["lease_expires_at"] = None
         job = _transition(
             session,
             job_id,
@@ -699,6 +703,33 @@ def renew_leases(
         .returning(jobs.c.id, jobs.c.lease_token)
     ).all()
     return {(job_id, int(token)) for job_id, token in rows}
+
+
+def extend_stop_windows(
+    session: Session,
+    stopping: Sequence[tuple[uuid.UUID, int]],
+    *,
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+) -> None:
+    """Keep the stop window of runs that were taken away but are still alive.
+
+    A cancelled run that has not stopped yet (a call it cannot leave early) holds the
+    job's lease for as long as its process keeps renewing it, so a retry waits for it;
+    if the process dies, the window ends with the lease.
+    """
+    if not stopping:
+        return
+    now = now or db_now(session)
+    session.execute(
+        update(jobs)
+        .where(
+            tuple_(jobs.c.id, jobs.c.lease_token).in_([(i, t) for i, t in stopping]),
+            jobs.c.state != JobState.RUNNING.value,
+            jobs.c.lease_expires_at.is_not(None),
+        )
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+    )
 
 
 def rescue(

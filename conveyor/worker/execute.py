@@ -203,7 +203,7 @@ class Executor:
             self.leases.drop(job.id, token)
         if not held:
             log.info("job result not recorded: it was cancelled or taken away")
-            return self._lost(sessions, job, worker, stopped=False)
+            return self._lost(sessions, job, worker)
         metrics.count_finished(job, JobState.SUCCEEDED.value)
         log.info("job succeeded", run_seconds=round(elapsed, 6))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
@@ -236,18 +236,19 @@ class Executor:
                 lost.wait(pause)
                 pause = min(pause * 2, 1.0)
 
-    def _lost(
-        self, sessions: sessionmaker[Session], job: Job, worker: str, *, stopped: bool = True
-    ) -> Outcome:
-        """The run was taken away (cancelled or rescued) and has stopped: say so."""
+    def _lost(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
+        """The run was taken away (cancelled or rescued) and has ended: say so."""
         log.info("job stopped: it was cancelled or taken away")
-        if stopped:
-            try:
-                with sessions.begin() as session:
-                    store.stopped(session, job.id, worker=worker, token=job.lease_token)
-            except TRANSIENT_DB_ERRORS as error:
-                # Its lease ends by itself; a retry waiting for it then goes ahead.
-                log.warning("could not record that the run stopped: %s", error)
+        try:
+            with sessions.begin() as session:
+                after = store.stopped(session, job.id, worker=worker, token=job.lease_token)
+        except TRANSIENT_DB_ERRORS as error:
+            # Its stop window ends with the lease; a retry waiting for it then goes ahead.
+            log.warning("could not record that the run stopped: %s", error)
+        else:
+            if after is not None and after.state == JobState.SCHEDULED:
+                # A retry was waiting for this run to stop: it goes ahead now.
+                self._reschedule(after)
         return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
 
     def _claim(
@@ -273,10 +274,11 @@ class Executor:
         self, session: Session, job_id: uuid.UUID, worker: str, *, holds_slot: bool
     ) -> Job | Outcome | _Slot:
         taken = self._take(session, job_id, worker, holds_slot)
-        if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
+        if taken is not None:
             return taken
         current = store.get_job(session, job_id)
-        assert current is not None
+        if current is None:
+            return Outcome(job_id, "dropped", None)
         waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
         # Whether the lease has expired is the database's to say, not this host's clock.
         rescued = store.rescue(session, job_id) if current.state == JobState.RUNNING else None
@@ -285,13 +287,16 @@ class Executor:
         if rescued is not None or (waiting and store.promote(session, job_id) is not None):
             # Its last worker is gone, or its time has come: this delivery takes it.
             taken = self._take(session, job_id, worker, holds_slot)
-            if not isinstance(taken, Job) or taken.state == JobState.RUNNING:
+            if taken is not None:
                 return taken
             current = store.get_job(session, job_id)
-            assert current is not None
+            if current is None:
+                return Outcome(job_id, "dropped", None)
         if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:
             # A message that keeps killing its worker ends here, counted in the store.
             return self._exhausted(session, current, worker)
+        # Running elsewhere (or in another thread of this process), finished, or waiting:
+        # this delivery is a duplicate and must not run.
         store.record_dropped_delivery(
             session, current, worker=worker, reason=f"job is {current.state.value}"
         )
@@ -299,8 +304,8 @@ class Executor:
 
     def _take(
         self, session: Session, job_id: uuid.UUID, worker: str, holds_slot: bool
-    ) -> Job | Outcome | _Slot:
-        """Claim a queued job through its limits: the running job, a wait, or the row."""
+    ) -> Job | Outcome | _Slot | None:
+        """Claim a queued job through its limits: the claimed job, a wait, or None."""
         limit_key = None
         if self._limits:
             gate = self._gate(session, job_id, holds_slot)
@@ -313,10 +318,7 @@ class Executor:
         job = store.claim(
             session, job_id, worker=worker, lease_seconds=self._lease_seconds, limit_key=limit_key
         )
-        if job is not None:
-            return job
-        current = store.get_job(session, job_id)
-        return Outcome(job_id, "dropped", None) if current is None else current
+        return job
 
     def _gate(
         self, session: Session, job_id: uuid.UUID, holds_slot: bool
@@ -379,7 +381,7 @@ class Executor:
                 lambda: self._fail_retry(sessions, job, worker, described, delay),
             )
             if waiting is None:
-                return self._lost(sessions, job, worker, stopped=False)
+                return self._lost(sessions, job, worker)
             metrics.JOBS_RETRIED.labels(job.task).inc()
             log.warning(
                 "job failed; retrying",
@@ -392,7 +394,7 @@ class Executor:
             return Outcome(job.id, "ran-retrying", JobState.RETRYING, delay)
         gone = self._write(threading.Event(), lambda: self._dead(sessions, job, worker, described))
         if gone is None:
-            return self._lost(sessions, job, worker, stopped=False)
+            return self._lost(sessions, job, worker)
         metrics.count_finished(job, JobState.DEAD.value)
         log.error("job dead", error_type=described.type, error=described.message)
         return Outcome(job.id, "ran-dead", JobState.DEAD)

@@ -158,6 +158,12 @@ class LeaseKeeper:
                 [h.key for h in snapshot if h.lost_at is None],
                 lease_seconds=self._lease_seconds,
             )
+            # A run told to stop still lives: a retry of its job must wait for it.
+            store.extend_stop_windows(
+                session,
+                [h.key for h in snapshot if h.lost_at is not None],
+                lease_seconds=self._lease_seconds,
+            )
         now = time.monotonic()
         self._renewed_at = now
         with self._lock:

@@ -52,13 +52,16 @@ class Cluster:
     client: TestClient | None = None
     key: str = ""
     restarts: int = 0
+    # Extra environment per process name (a skewed clock, a pool class).
+    env_of: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         return workers.service_env(self.database_url, self.broker_url, **FAST)
 
     def start(self, name: str, args: list[str]) -> None:
-        self.processes[name] = workers.start(args, self.env, self.logs / f"{name}.log")
+        env = {**self.env, **self.env_of.get(name, {})}
+        self.processes[name] = workers.start(args, env, self.logs / f"{name}.log")
 
     def start_all(self, worker_names: list[str]) -> None:
         for name in worker_names:
@@ -151,9 +154,14 @@ class Cluster:
 
 
 def cluster_context(
-    database_url: str, broker_url: str, engine: Engine, logs: Path, worker_names: list[str]
+    database_url: str,
+    broker_url: str,
+    engine: Engine,
+    logs: Path,
+    worker_names: list[str],
+    env_of: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[Cluster]:
-    cluster = Cluster(database_url, broker_url, engine, logs)
+    cluster = Cluster(database_url, broker_url, engine, logs, env_of=env_of or {})
     with make_session_factory(engine).begin() as session:
         cluster.key, _ = keys.create_key(session, tenant="acme")
     cluster.platform = build_platform(
@@ -190,25 +198,30 @@ class Delivery:
 class Receiver:
     """A local webhook receiver recording each delivery's Idempotency-Key and timing."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: float = 0.05) -> None:
         self.deliveries: list[Delivery] = []
         self.bodies: dict[str, Any] = {}
+        self.started = 0  # requests that have begun, finished or not
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 started = time.monotonic()
+                with receiver._lock:
+                    receiver.started += 1
                 length = int(self.headers.get("content-length", "0"))
                 body = json.loads(self.rfile.read(length) or b"null")
-                time.sleep(0.05)
+                time.sleep(hold)
                 key = self.headers.get("Idempotency-Key", "")
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-                with receiver._lock:
-                    receiver.deliveries.append(Delivery(key, started, time.monotonic()))
-                    receiver.bodies[key] = body
+                try:
+                    self.send_response(200)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                finally:  # a sender that was stopped and hung up still had this delivery
+                    with receiver._lock:
+                        receiver.deliveries.append(Delivery(key, started, time.monotonic()))
+                        receiver.bodies[key] = body
 
             def log_message(self, *_args: Any) -> None:
                 return
