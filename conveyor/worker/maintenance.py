@@ -271,7 +271,7 @@ def run_chore(chore: Chore) -> None:
     try:
         chore.body()
     except Exception as error:
-        log.warning("%s failed: %s", chore.name, error)
+        log.warning("%s failed: %s: %s", chore.name, type(error).__name__, error, exc_info=True)
     else:
         log.debug("%s ran in %.3f s", chore.name, time.perf_counter() - started)
 
