@@ -15,7 +15,7 @@ from conveyor.jobs import migrate
 from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
-from conveyor.worker.broker import queue_depths
+from conveyor.worker.broker import bounded_connection, queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
 
@@ -45,9 +45,17 @@ class Platform:
         return publisher
 
     def broker_check(self) -> None:
-        """Raise unless the broker accepts a connection within about two seconds."""
-        with self.celery.connection_for_write() as connection:
+        """Raise unless the broker answers within about two seconds.
+
+        A frozen or partitioned broker may still accept TCP connections, so the check
+        waits for an answer: opening a channel on RabbitMQ, a PING on Redis.
+        """
+        with bounded_connection(self.celery) as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
+            client = getattr(connection.default_channel, "client", None)
+            ping = getattr(client, "ping", None)
+            if callable(ping):
+                ping()
 
     def api_state(self) -> ApiState:
         """What the API needs from this process."""

@@ -28,7 +28,7 @@ from conveyor.jobs import anomalies, outbox, retention, rollups, store
 from conveyor.jobs.db import db_now
 from conveyor.jobs.models import Job
 from conveyor.observability import metrics
-from conveyor.worker.broker import queue_depths
+from conveyor.worker.broker import bounded_connection, queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
 
@@ -139,7 +139,8 @@ def sweep_lost_messages(app: Celery, handle: StoreHandle, *, grace_seconds: floa
 def record_broker_dead_letters(app: Celery, handle: StoreHandle, limit: int = 500) -> int:
     """Record messages RabbitMQ dead-lettered, and let the relay publish their jobs again."""
     recorded = 0
-    with app.connection_for_write() as connection:
+    # Bounded: a frozen broker must not hold the leader's relay thread until it wakes.
+    with bounded_connection(app) as connection:
         queue = dead_letter_queue()(connection.default_channel)
         queue.declare()
         for _ in range(limit):
