@@ -28,6 +28,20 @@ from conveyor.jobs.tables import job_events, jobs
 from tests import workers
 from tests.support import wait_until
 
+BROKERS = {
+    "redis": "redis://127.0.0.1:6379/7",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
+# Where the reliability figures of a run are appended, one JSON line per test.
+REPORT = Path(os.environ.get("CONVEYOR_RELIABILITY_REPORT", "/tmp/conveyor-reliability.jsonl"))
+
+
+def report(**figures: Any) -> None:
+    """Append one test's figures to the report."""
+    with REPORT.open("a") as handle:
+        handle.write(json.dumps(figures) + "\n")
+
+
 # Short leases so a killed worker's jobs come back within seconds, not a minute.
 FAST = {
     "CONVEYOR_LEASE_SECONDS": "4",

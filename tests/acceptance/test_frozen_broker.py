@@ -15,23 +15,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 from sqlalchemy import Engine, func, select
 
 from conveyor.jobs.tables import jobs
-from tests.acceptance import services
-from tests.acceptance.cluster import Cluster, cluster_context
+from tests.acceptance.cluster import Cluster, cluster_context, report
 from tests.support import wait_until
 
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/7",
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
-}
 PORTS = {"redis": 6379, "rabbitmq": 5672}
-REPORT = Path(os.environ.get("CONVEYOR_RELIABILITY_REPORT", "/tmp/conveyor-reliability.jsonl"))
 
 FREEZE_SECONDS = 20.0
 SUBMIT_SECONDS = 30.0
@@ -40,25 +33,9 @@ SUBMIT_LIMIT = 2.0
 READYZ_LIMIT = 2.0
 
 
-@pytest.fixture(params=list(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    url = BROKERS[request.param]
-    if request.param == "redis":
-        request.getfixturevalue("redis_url")
-    else:
-        request.getfixturevalue("amqp_url")
-        services.reset_rabbitmq_queues(url)
-    return url
-
-
 @pytest.fixture
 def cluster(pg_engine: Engine, pg_url: str, broker_url: str, tmp_path: Path) -> Iterator[Cluster]:
     yield from cluster_context(pg_url, broker_url, pg_engine, tmp_path, ["high-1", "default-1"])
-
-
-def _report(**figures: Any) -> None:
-    with REPORT.open("a") as handle:
-        handle.write(json.dumps(figures) + "\n")
 
 
 def broker_pids(broker_url: str) -> list[int]:
@@ -233,7 +210,7 @@ def test_submissions_answer_while_the_broker_is_frozen(cluster: Cluster) -> None
         ).scalar_one()
     frozen_drained = last.timestamp() - freeze.thawed_wall
     assert cluster.overlapping_runs() == 0
-    _report(
+    report(
         test="frozen-broker",
         broker=cluster.broker_url.split(":")[0],
         jobs=len(ids),

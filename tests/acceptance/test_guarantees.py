@@ -7,47 +7,23 @@ the threads pool; workers and a beat whose clocks run 30 s ahead or behind.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
 from conveyor.jobs.tables import job_events, jobs
-from tests.acceptance import services
-from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill
+from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill, report
 from tests.support import wait_until
 
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/7",
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
-}
-REPORT = Path(os.environ.get("CONVEYOR_RELIABILITY_REPORT", "/tmp/conveyor-reliability.jsonl"))
 # Moves a process's wall clock and leaves its monotonic clock alone. (libfaketime cannot:
 # Python's sleeps wait on absolute monotonic deadlines, which it breaks or hangs.)
 SKEW_HOOK = Path(__file__).parent / "skewed_clock"
 # The outcome of a run: where it ended, as the worker running it recorded it.
 RUN_ENDS = {"succeeded", "failed", "dead", "stopped", "rescued", "released"}
-
-
-def _report(**figures: Any) -> None:
-    with REPORT.open("a") as handle:
-        handle.write(json.dumps(figures) + "\n")
-
-
-@pytest.fixture(params=list(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    url = BROKERS[request.param]
-    if request.param == "redis":
-        request.getfixturevalue("redis_url")
-    else:
-        request.getfixturevalue("amqp_url")
-        services.reset_rabbitmq_queues(url)
-    return url
 
 
 def _runs(engine: Engine, job_id: str) -> list[tuple[float, float | None]]:
@@ -131,7 +107,7 @@ def test_cancel_then_retry_at_once_never_runs_twice(one_worker: Cluster) -> None
     assert _overlapping(runs) == 0, runs
     assert receiver.overlaps() == []
     assert done["attempts"] == 1
-    _report(
+    report(
         test="cancel-then-retry",
         broker=cluster.broker_url.split(":")[0],
         pool=cluster.env_of["default-1"]["CONVEYOR_WORKER_POOL_CLASS"],
@@ -202,7 +178,7 @@ def test_skewed_clocks_neither_rescue_live_jobs_nor_keep_dead_leases(
     assert rescued_after < 9, rescued_after
     overlaps = sum(_overlapping(_runs(cluster.engine, job_id)) for job_id in ids)
     assert overlaps == 0
-    _report(
+    report(
         test="skewed-clocks",
         broker=cluster.broker_url.split(":")[0],
         jobs=len(ids),

@@ -5,14 +5,11 @@ Each test runs on Redis and on RabbitMQ, with real worker and beat processes.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -20,25 +17,8 @@ from sqlalchemy import Engine, select
 
 from conveyor.jobs.tables import job_events
 from tests.acceptance import services
-from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill
+from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill, report
 from tests.support import wait_until
-
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/7",
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
-}
-REPORT = Path(os.environ.get("CONVEYOR_RELIABILITY_REPORT", "/tmp/conveyor-reliability.jsonl"))
-
-
-@pytest.fixture(params=list(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    url = BROKERS[request.param]
-    if request.param == "redis":
-        request.getfixturevalue("redis_url")
-    else:
-        request.getfixturevalue("amqp_url")
-        services.reset_rabbitmq_queues(url)
-    return url
 
 
 @pytest.fixture
@@ -61,11 +41,6 @@ def small_cluster(
     pg_engine: Engine, pg_url: str, broker_url: str, tmp_path: Path
 ) -> Iterator[Cluster]:
     yield from cluster_context(pg_url, broker_url, pg_engine, tmp_path, ["high-1", "default-1"])
-
-
-def _report(**figures: Any) -> None:
-    with REPORT.open("a") as handle:
-        handle.write(json.dumps(figures) + "\n")
 
 
 def test_kills_lose_nothing_and_never_overlap(default_only: Cluster) -> None:
@@ -110,7 +85,7 @@ def test_kills_lose_nothing_and_never_overlap(default_only: Cluster) -> None:
         assert overlaps == [], [(pair, cluster.events_of(pair[0].key)) for pair in overlaps]
         assert cluster.overlapping_runs() == 0
         stuck = cluster.states().get("running", 0)
-        _report(
+        report(
             test="kills, default pool only",
             broker=cluster.broker_url.split(":")[0],
             jobs=500,
@@ -144,7 +119,7 @@ def test_restarts_mid_run_lose_nothing(cluster: Cluster, what: str) -> None:
     assert cluster.overlapping_runs() == 0
     alive = [name for name, p in cluster.processes.items() if p.poll() is None]
     assert sorted(alive) == sorted(cluster.processes)
-    _report(
+    report(
         test=f"{what}-restart",
         broker=cluster.broker_url.split(":")[0],
         jobs=100,
