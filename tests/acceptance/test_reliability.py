@@ -259,7 +259,10 @@ def test_sigterm_lets_a_running_job_finish_once(small_cluster: Cluster) -> None:
                 .order_by(job_events.c.id)
             )
         ]
-    assert events == ["created", "claimed", "succeeded"]
+    # A publish that timed out on a busy machine may still have reached the broker; its
+    # duplicate is dropped at claim (and recorded). The job itself ran once.
+    ran = [e for e in events if e != "delivery_dropped"]
+    assert ran == ["created", "claimed", "succeeded"]
     if small_cluster.broker_url.startswith("redis"):
         client = redis.Redis.from_url(small_cluster.broker_url)
         assert client.llen("default") == 0

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.jobs import anomalies, keys, rollups, store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.tables import anomalies as anomalies_table
+from conveyor.worker import maintenance
 from conveyor.worker.maintenance import aggregate_once
 from conveyor.worker.runtime import StoreHandle
 from tests.integration.job_rows import insert_jobs, job_row
@@ -75,7 +76,7 @@ def history(
 
 
 class Clock:
-    """The time `store.utcnow` answers while the test holds it."""
+    """The time the store's clocks (`store.utcnow`, the maintenance's `db_now`) answer."""
 
     def __init__(self, at: dt.datetime) -> None:
         self.at = at
@@ -89,6 +90,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """Ten seconds past a whole minute, so the minute before is complete past the lag."""
     held = Clock(rollups.floor_minute(store.utcnow()) + dt.timedelta(seconds=10))
     monkeypatch.setattr(store, "utcnow", held)
+    monkeypatch.setattr(maintenance, "db_now", lambda _session: held())
     return held
 
 
