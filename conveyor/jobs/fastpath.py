@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -34,6 +35,7 @@ WITH moved AS (
         updated_at = COALESCE(%(now)s::timestamptz, now()),
         limit_key = COALESCE(%(limit_key)s, limit_key)
     WHERE id = %(id)s AND state = 'queued' AND attempts < max_attempts
+        AND NOT (task = ANY(%(limited)s::text[]))
     RETURNING *
 ), logged AS (
     INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
@@ -66,14 +68,16 @@ def claim_params(
     lease_seconds: float,
     limit_key: str | None = None,
     now: dt.datetime | None = None,
+    limited: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """CLAIM_SQL's parameters."""
+    """CLAIM_SQL's parameters; jobs of the `limited` task types are left to flow control."""
     return {
         "id": job_id,
         "worker": worker,
         "lease_seconds": float(lease_seconds),
         "limit_key": limit_key,
         "now": now,
+        "limited": list(limited),
     }
 
 
@@ -120,11 +124,17 @@ class FastPath:
             setattr(self._local, name, None)
             raise
 
-    def claim(self, job_id: uuid.UUID, *, worker: str, lease_seconds: float) -> Job | None:
-        """queued → running, as store.claim."""
-        row = self._run(
-            "claims", CLAIM_SQL, claim_params(job_id, worker=worker, lease_seconds=lease_seconds)
-        )
+    def claim(
+        self,
+        job_id: uuid.UUID,
+        *,
+        worker: str,
+        lease_seconds: float,
+        limited: Sequence[str] = (),
+    ) -> Job | None:
+        """queued → running, as store.claim, unless the job's task type has limits."""
+        params = claim_params(job_id, worker=worker, lease_seconds=lease_seconds, limited=limited)
+        row = self._run("claims", CLAIM_SQL, params)
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
 
     def succeed(self, job_id: uuid.UUID, *, worker: str, token: int, result: Any) -> bool:

@@ -21,6 +21,10 @@ from structlog.typing import Processor
 JOB_FIELDS = ("job_id", "task", "attempt", "tenant", "queue", "trace_id", "request_id")
 
 
+# Celery's loggers of one line per task: a message received, a task finished.
+PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
 def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
     """Route all logging of this process through structlog at `level`."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -58,6 +62,11 @@ def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # Celery writes two INFO lines per task (received, succeeded) beside Conveyor's own
+    # per-job lines, which carry more: they are kept for DEBUG.
+    chatty = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(chatty)
 
 
 def bind(**values: Any) -> None:

@@ -152,6 +152,7 @@ class Executor:
         self._reschedule = reschedule
         self.leases = leases
         self._limits = limits or {}
+        self._limited = sorted(self._limits)
         self._fast_path = fast_path
         self._limiter = limiter
         self._rate_horizon = rate_horizon
@@ -165,8 +166,12 @@ class Executor:
         sessions = self._sessions()
         worker = self._worker()
         job: Job | Outcome | None = None
-        if self._fast_path is not None and not self._limits:
-            job = self._fast_path.claim(job_id, worker=worker, lease_seconds=self._lease_seconds)
+        if self._fast_path is not None:
+            # Task types with limits are left to the transaction below; the rest keep the
+            # one-statement claim whatever CONVEYOR_LIMITS holds for others.
+            job = self._fast_path.claim(
+                job_id, worker=worker, lease_seconds=self._lease_seconds, limited=self._limited
+            )
         if job is None:
             # Flow control needs a transaction around its checks and the claim.
             job = self._claim(sessions, job_id, worker)

@@ -69,3 +69,16 @@ def test_trace_context_round_trips_through_a_traceparent() -> None:
     with tracing.span("run", parent=tracing.from_traceparent(made)):
         assert tracing.trace_id_of() == made.split("-")[1]
         assert tracing.current_traceparent() is not None
+
+
+def test_celery_per_task_lines_are_kept_for_debug() -> None:
+    logs.setup("INFO", "json")
+    assert all(
+        not logging.getLogger(name).isEnabledFor(logging.INFO) for name in logs.PER_TASK_LOGGERS
+    )
+    assert logging.getLogger("celery.worker.consumer").isEnabledFor(logging.INFO)
+    logs.setup("DEBUG", "json")
+    assert all(
+        logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in logs.PER_TASK_LOGGERS
+    )
+    logs.setup("INFO", "json")
