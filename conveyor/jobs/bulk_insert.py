@@ -13,11 +13,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, NewJob
-from conveyor.jobs.tables import jobs
+from conveyor.jobs.tables import UTCDateTime, jobs
 
 # (column, array type) for every value a NewJob brings; the rest are constants below.
 _GIVEN = (
@@ -79,8 +80,17 @@ WITH given AS (
 SELECT {_RESULT} FROM created JOIN given USING (id) ORDER BY given.ordinal
 """
 
-# Typed result columns, so the rows come back exactly as the ORM path returns them.
-_STATEMENT = text(_SQL).columns(*jobs.c)
+# Times go through the table's type, which refuses naive ones as the ORM path does;
+# typed result columns bring the rows back exactly as that path returns them.
+_STATEMENT = (
+    text(_SQL)
+    .bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("run_at", type_=ARRAY(UTCDateTime())),
+        bindparam("schedule_tick", type_=ARRAY(UTCDateTime())),
+    )
+    .columns(*jobs.c)
+)
 
 
 def _columns(new_jobs: Sequence[NewJob]) -> dict[str, list[Any]]:
