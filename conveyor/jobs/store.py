@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from conveyor.jobs import bulk_insert
 from conveyor.jobs.db import db_now, is_postgres
 from conveyor.jobs.fastpath import CLAIM_SQL, SUCCEED_SQL, claim_params, succeed_params
 from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
@@ -146,11 +147,13 @@ def create_jobs(
     session: Session, new_jobs: Sequence[NewJob], *, now: dt.datetime | None = None
 ) -> list[Job]:
     """Record new jobs (queued, or scheduled when their run time is ahead), in order."""
-    now = now or db_now(session)
     if not new_jobs:
         return []
+    if is_postgres(session):
+        return bulk_insert.insert_jobs(session, new_jobs, now=now)
+    now = now or db_now(session)
     rows = [_new_job_values(new, now) for new in new_jobs]
-    # One statement (batched by SQLAlchemy when long) returns the rows in input order.
+    # SQLite: one statement (batched by SQLAlchemy when long) returns the rows in order.
     created = [
         Job.from_row(r)
         for r in session.execute(

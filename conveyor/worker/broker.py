@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu.connection import Connection
 
@@ -9,13 +11,18 @@ from conveyor.config import POOLS
 from conveyor.config.celery_config import BROKER_CALL_TIMEOUT_SECONDS, bounded_transport_options
 
 
-def bounded_connection(app: Celery, timeout: float = BROKER_CALL_TIMEOUT_SECONDS) -> Connection:
-    """A connection whose connect and every read and write give up after `timeout` seconds."""
+def bounded_connection(
+    app: Celery, timeout: float = BROKER_CALL_TIMEOUT_SECONDS, **transport_options: Any
+) -> Connection:
+    """A connection whose connect and every read and write give up after `timeout` seconds.
+
+    `transport_options` go on top of the app's and the bounded ones.
+    """
     url = app.conf.broker_write_url or app.conf.broker_url or ""
     connection: Connection = app.connection_for_write(
         # Also the total kombu spends reconnecting before a call: it retries until then.
         connect_timeout=timeout,
-        transport_options=bounded_transport_options(url, timeout),
+        transport_options={**bounded_transport_options(url, timeout), **transport_options},
     )
     return connection
 

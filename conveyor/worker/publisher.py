@@ -6,6 +6,10 @@ a few sender threads of our own, each with its own connection whose every socket
 is bounded, and the caller waits for progress at most `PUBLISH_DEADLINE_SECONDS`. A
 publish given up on may still reach the broker; its job is republished by the relay and
 the second message is dropped at claim.
+
+A publish call's messages travel together: on Redis through one pipeline (kombu's
+`Producer.batch`), on RabbitMQ written back to back with their confirms read once at
+the end. So a batch of jobs costs the broker one round trip, not one per job.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from kombu.messaging import Producer
 from opentelemetry.trace import SpanKind
 
 from conveyor.config import RUN_TASK
+from conveyor.config.celery_config import is_amqp
 from conveyor.jobs.models import Job
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store import utcnow
 from conveyor.observability import tracing
 from conveyor.worker.broker import bounded_connection
+from conveyor.worker.confirms import Confirms
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
@@ -43,6 +49,11 @@ PUBLISH_DEADLINE_SECONDS = 1.0
 SENDER_THREADS = 4
 # A sender thread (and its connection) with nothing to do for this long ends.
 SENDER_IDLE_SECONDS = 60.0
+# Messages per broker round trip: an API batch (at most 1,000 jobs) goes out in one.
+MESSAGES_PER_ROUND_TRIP = 1000
+# Redis commands kombu may buffer per message before it flushes early: an LPUSH, plus a
+# PEXPIRE per priority step on a queue with an expiry (Conveyor's queues have none).
+_COMMANDS_PER_MESSAGE = 5
 
 
 class BrokerUnavailable(ConnectionError):
@@ -96,8 +107,21 @@ class _Attempt:
 
     def sent(self, job_id: uuid.UUID) -> None:
         """Record a message the broker took."""
+        self.sent_all([job_id])
+
+    def sent_all(self, job_ids: Sequence[uuid.UUID]) -> None:
+        """Record messages the broker took."""
         with self._lock:
-            self._published.append(job_id)
+            self._published.extend(job_ids)
+            self._progressed_at = time.monotonic()
+
+    def working(self) -> None:
+        """Note progress short of the broker's answer: a message built and buffered.
+
+        A batch is answered only at its end; until then each message made ready counts
+        as progress, and the wait for the answer itself is bounded by the socket's.
+        """
+        with self._lock:
             self._progressed_at = time.monotonic()
 
     def published(self) -> list[uuid.UUID]:
@@ -192,6 +216,10 @@ class CeleryPublisher:
         self._max_countdown = max_countdown
         self._deadline = deadline
         self._senders = _Senders(SENDER_THREADS, on_exit=self._release_producer)
+        url = app.conf.broker_write_url or app.conf.broker_url or ""
+        options = app.conf.broker_transport_options or {}
+        # With confirms asked for on RabbitMQ, the publisher reads them itself, per batch.
+        self._confirms = is_amqp(url) and bool(options.get("confirm_publish"))
         # Each sender thread keeps its own producer: a connection stuck on a frozen broker
         # belongs to the one thread waiting on it and is never handed to another call.
         self._local = threading.local()
@@ -200,7 +228,8 @@ class CeleryPublisher:
         """Publish each job; waiting jobs carry a countdown to their due time.
 
         Raises BrokerUnavailable when the broker failed a publish moments ago, fails this
-        one, or takes no message for `deadline` seconds.
+        one, or the publish makes no progress (no message readied, sent or confirmed) for
+        `deadline` seconds.
         """
         if not jobs:
             return []
@@ -239,25 +268,37 @@ class CeleryPublisher:
     def _producer(self) -> Producer:
         producer: Producer | None = getattr(self._local, "producer", None)
         if producer is None:
-            producer = self._app.amqp.Producer(bounded_connection(self._app))
+            # py-amqp's own confirm mode would wait for an ack after every message.
+            extra = {"confirm_publish": False} if self._confirms else {}
+            producer = self._app.amqp.Producer(bounded_connection(self._app, **extra))
             self._local.producer = producer
+            self._local.confirms = None
         return producer
 
     def _release_producer(self) -> None:
         """Let go of this thread's connection; its next publish opens another."""
         producer: Producer | None = getattr(self._local, "producer", None)
         self._local.producer = None
+        self._local.confirms = None
         if producer is not None:
             # Collect, not close: closing politely would wait on the broker once more.
             with contextlib.suppress(Exception):
                 producer.connection.collect()
 
-    def _send(self, attempt: _Attempt) -> None:
-        producer = self._producer()
+    def _channel_confirms(self, producer: Producer) -> Confirms:
+        """The confirm tracker of the producer's current channel, made on first use."""
+        confirms: Confirms | None = getattr(self._local, "confirms", None)
+        channel = producer.channel
+        if confirms is None or confirms.channel is not channel:
+            confirms = Confirms(channel)
+            self._local.confirms = confirms
+        return confirms
+
+    def _due(self, jobs: Sequence[Job]) -> list[tuple[Job, dict[str, Any]]]:
+        """The jobs to publish now, each with its countdown; those far ahead wait."""
         now = utcnow()
-        for job in attempt.jobs:
-            if attempt.abandoned:
-                return
+        due: list[tuple[Job, dict[str, Any]]] = []
+        for job in jobs:
             options: dict[str, Any] = {}
             if job.state in (JobState.SCHEDULED, JobState.RETRYING) and job.run_after:
                 countdown = (job.run_after - now).total_seconds()
@@ -265,26 +306,81 @@ class CeleryPublisher:
                     continue
                 if countdown > 0:
                     options["countdown"] = countdown
-            with tracing.span(
-                f"publish {job.task}",
-                kind=SpanKind.PRODUCER,
-                parent=tracing.from_traceparent(job.traceparent),
-                attributes={
-                    "conveyor.job_id": str(job.id),
-                    "messaging.destination.name": job.queue,
-                },
-            ):
-                self._app.send_task(
-                    RUN_TASK,
-                    args=[str(job.id)],
-                    queue=job.queue,
-                    routing_key=job.queue,
-                    producer=producer,
-                    soft_time_limit=job.timeout_seconds,
-                    time_limit=job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
-                    headers=message_headers(job),
-                    # With publisher confirms (RabbitMQ), wait for the ack no longer.
-                    confirm_timeout=self._deadline,
-                    **options,
-                )
-            attempt.sent(job.id)
+            due.append((job, options))
+        return due
+
+    def _send(self, attempt: _Attempt) -> None:
+        producer = self._producer()
+        due = self._due(attempt.jobs)
+        for start in range(0, len(due), MESSAGES_PER_ROUND_TRIP):
+            chunk = due[start : start + MESSAGES_PER_ROUND_TRIP]
+            if self._confirms:
+                self._send_confirmed(producer, chunk, attempt)
+            else:
+                self._send_pipelined(producer, chunk, attempt)
+            if attempt.abandoned:
+                return
+
+    def _send_pipelined(
+        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: _Attempt
+    ) -> None:
+        """Buffer the chunk's messages and send them at once (one pipeline on Redis).
+
+        kombu sends the buffer when the block ends and drops it when the block raises;
+        a pipeline that fails leaves every job of the chunk to the relay, since kombu
+        cannot tell which of its messages arrived. Transports without batches (the
+        in-process one) publish each message at once.
+        """
+        try:
+            with producer.batch(max_size=len(chunk) * _COMMANDS_PER_MESSAGE):
+                for job, options in chunk:
+                    if attempt.abandoned:
+                        raise _GaveUp
+                    self._send_one(producer, job, options)
+                    attempt.working()
+        except _GaveUp:
+            return
+        attempt.sent_all([job.id for job, _ in chunk])
+
+    def _send_confirmed(
+        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: _Attempt
+    ) -> None:
+        """Write the chunk's messages, then read the broker's confirms for all of them."""
+        confirms = self._channel_confirms(producer)
+        for job, options in chunk:
+            if attempt.abandoned:
+                confirms.forget()
+                return
+            self._send_one(producer, job, options)
+            if producer.channel is not confirms.channel:
+                # kombu reconnected mid-batch: the new channel numbers its messages anew.
+                raise ConnectionError("the broker connection was replaced during a publish")
+            confirms.expect(job.id, attempt.sent)
+            attempt.working()
+        confirms.wait(self._deadline)
+
+    def _send_one(self, producer: Producer, job: Job, options: dict[str, Any]) -> None:
+        with tracing.span(
+            f"publish {job.task}",
+            kind=SpanKind.PRODUCER,
+            parent=tracing.from_traceparent(job.traceparent),
+            attributes={
+                "conveyor.job_id": str(job.id),
+                "messaging.destination.name": job.queue,
+            },
+        ):
+            self._app.send_task(
+                RUN_TASK,
+                args=[str(job.id)],
+                queue=job.queue,
+                routing_key=job.queue,
+                producer=producer,
+                soft_time_limit=job.timeout_seconds,
+                time_limit=job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
+                headers=message_headers(job),
+                **options,
+            )
+
+
+class _GaveUp(Exception):
+    """The caller stopped waiting: the batch's buffered messages are dropped."""

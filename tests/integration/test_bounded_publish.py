@@ -234,7 +234,11 @@ def test_stuck_publishes_hold_a_bounded_number_of_threads(
     assert 0 < len(senders) <= publisher_module.SENDER_THREADS
 
 
-def test_a_batch_stalling_midway_keeps_what_went_out(sessions: sessionmaker[Session]) -> None:
+def test_a_batch_stalling_midway_keeps_what_went_out(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two messages per round trip: the broker answers the first two pipelines in full.
+    monkeypatch.setattr(publisher_module, "MESSAGES_PER_ROUND_TRIP", 2)
     peer = StallingRedis(answered=4)
     try:
         publisher = CeleryPublisher(app_for(peer.url("redis")))
@@ -246,6 +250,24 @@ def test_a_batch_stalling_midway_keeps_what_went_out(sessions: sessionmaker[Sess
     assert peer.pushed == 4
     # The four the broker took are marked; the relay publishes the other six.
     assert unpublished_for_relay(sessions) == {job.id for job in jobs[4:]}
+
+
+def test_a_pipeline_cut_off_midway_leaves_all_its_jobs_to_the_relay(
+    sessions: sessionmaker[Session],
+) -> None:
+    peer = StallingRedis(answered=4)
+    try:
+        publisher = CeleryPublisher(app_for(peer.url("redis")))
+        started = time.monotonic()
+        jobs = outbox.submit(sessions, publisher, new_jobs(10))
+        assert time.monotonic() - started < BOUND + 0.5
+    finally:
+        peer.close()
+    # All ten went out in one write and the broker took four; which ones, the client
+    # cannot tell, so none is marked: the relay publishes all ten again and the four
+    # extra deliveries are dropped at claim.
+    assert peer.pushed == 4
+    assert unpublished_for_relay(sessions) == {job.id for job in jobs}
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])

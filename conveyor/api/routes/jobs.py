@@ -83,7 +83,8 @@ def _build(
             timeout_seconds=body.timeout_seconds,
             tags=body.tags,
             idempotency_key=idempotency_key,
-            request_hash=request_hash(body),
+            # Only a replay under the same key is ever compared with it.
+            request_hash=None if idempotency_key is None else request_hash(body),
         )
     except UnknownTask:
         raise Problem(

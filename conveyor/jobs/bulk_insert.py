@@ -1,0 +1,126 @@
+"""Recording many new jobs on PostgreSQL in one statement: the rows and their events.
+
+The jobs arrive as one array per column, unnested with their positions; a writable CTE
+inserts the jobs, a second one their `created` events, and the outer query returns the
+rows in input order. One round trip whatever the batch size, and the database's clock
+decides which jobs are still waiting (`scheduled`) without a query of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.tables import UTCDateTime, jobs
+
+# (column, array type) for every value a NewJob brings; the rest are constants below.
+_GIVEN = (
+    ("id", "uuid[]"),
+    ("tenant", "text[]"),
+    ("task", "text[]"),
+    ("priority", "text[]"),
+    ("queue", "text[]"),
+    ("payload", "jsonb[]"),
+    ("max_attempts", "integer[]"),
+    ("timeout_seconds", "double precision[]"),
+    ("tags", "jsonb[]"),
+    ("idempotency_key", "text[]"),
+    ("request_hash", "text[]"),
+    ("run_at", "timestamptz[]"),
+    ("schedule_id", "uuid[]"),
+    ("schedule_tick", "timestamptz[]"),
+    ("traceparent", "text[]"),
+    ("request_id", "text[]"),
+)
+
+_ARRAYS = ",\n        ".join(f"CAST(:{name} AS {kind})" for name, kind in _GIVEN)
+_NAMES = ", ".join(name for name, _ in _GIVEN)
+# Named, in the table object's order: the result columns are matched by position, and
+# the database's own column order follows the migrations, not tables.py.
+_RETURNED = ", ".join(column.name for column in jobs.c)
+_RESULT = ", ".join(f"created.{column.name}" for column in jobs.c)
+
+_SQL = f"""
+WITH given AS (
+    SELECT g.*, clock.stamp,
+           (g.run_at IS NOT NULL AND g.run_at > clock.stamp) AS waiting
+    FROM unnest(
+        {_ARRAYS}
+    ) WITH ORDINALITY AS g({_NAMES}, ordinal)
+    CROSS JOIN (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS stamp) AS clock
+), created AS (
+    INSERT INTO jobs (
+        id, tenant, task, state, priority, queue, payload, attempts, max_attempts,
+        timeout_seconds, tags, idempotency_key, request_hash, cancel_requested,
+        created_at, scheduled_at, run_after, updated_at, schedule_id, schedule_tick,
+        traceparent, request_id
+    )
+    SELECT id, tenant, task,
+           CASE WHEN waiting THEN 'scheduled' ELSE 'queued' END,
+           priority, queue, payload, 0, max_attempts,
+           timeout_seconds, tags, idempotency_key, request_hash, false,
+           stamp, COALESCE(run_at, stamp), CASE WHEN waiting THEN run_at END, stamp,
+           schedule_id, schedule_tick, traceparent, request_id
+    FROM given
+    ORDER BY ordinal
+    RETURNING {_RETURNED}
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt)
+    SELECT created.id, created.created_at, 'created', NULL, created.state, 0
+    FROM created JOIN given USING (id)
+    ORDER BY given.ordinal
+)
+SELECT {_RESULT} FROM created JOIN given USING (id) ORDER BY given.ordinal
+"""
+
+# Times go through the table's type, which refuses naive ones as the ORM path does;
+# typed result columns bring the rows back exactly as that path returns them.
+_STATEMENT = (
+    text(_SQL)
+    .bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("run_at", type_=ARRAY(UTCDateTime())),
+        bindparam("schedule_tick", type_=ARRAY(UTCDateTime())),
+    )
+    .columns(*jobs.c)
+)
+
+
+def _columns(new_jobs: Sequence[NewJob]) -> dict[str, list[Any]]:
+    """One list per column; JSON goes as text and is cast to jsonb in the statement."""
+    return {
+        "id": [new.id for new in new_jobs],
+        "tenant": [new.tenant for new in new_jobs],
+        "task": [new.task for new in new_jobs],
+        "priority": [new.priority for new in new_jobs],
+        "queue": [new.queue for new in new_jobs],
+        "payload": [json.dumps(new.payload) for new in new_jobs],
+        "max_attempts": [new.max_attempts for new in new_jobs],
+        "timeout_seconds": [float(new.timeout_seconds) for new in new_jobs],
+        "tags": [json.dumps(list(new.tags)) for new in new_jobs],
+        "idempotency_key": [new.idempotency_key for new in new_jobs],
+        "request_hash": [new.request_hash for new in new_jobs],
+        "run_at": [new.run_at for new in new_jobs],
+        "schedule_id": [new.schedule_id for new in new_jobs],
+        "schedule_tick": [new.schedule_tick for new in new_jobs],
+        "traceparent": [new.traceparent for new in new_jobs],
+        "request_id": [new.request_id for new in new_jobs],
+    }
+
+
+def insert_jobs(
+    session: Session, new_jobs: Sequence[NewJob], *, now: dt.datetime | None = None
+) -> list[Job]:
+    """Insert the jobs and their `created` events in one statement; rows in input order."""
+    if not new_jobs:
+        return []
+    params = {**_columns(new_jobs), "now": now}
+    rows = session.execute(_STATEMENT, params).mappings()
+    return [Job.from_row(row) for row in rows]
