@@ -85,8 +85,10 @@ def message_headers(job: Job) -> dict[str, str]:
 class _Attempt:
     """One publish call handed to a sender thread; its caller may stop waiting for it."""
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
+    def __init__(self, jobs: Sequence[Job], progress: Callable[[], None] = lambda: None) -> None:
         self.jobs = jobs
+        # Tells the publisher that the broker is moving, for calls still waiting their turn.
+        self._progress = progress
         # The caller's trace and log fields, for the spans and lines of the sender thread.
         self.context = contextvars.copy_context()
         self.done = threading.Event()
@@ -114,6 +116,7 @@ class _Attempt:
         with self._lock:
             self._published.extend(job_ids)
             self._progressed_at = time.monotonic()
+        self._progress()
 
     def working(self) -> None:
         """Note progress short of the broker's answer: a message built and buffered.
@@ -123,6 +126,7 @@ class _Attempt:
         """
         with self._lock:
             self._progressed_at = time.monotonic()
+        self._progress()
 
     def published(self) -> list[uuid.UUID]:
         """The jobs whose messages went out so far."""
@@ -215,6 +219,7 @@ class CeleryPublisher:
         self._down_until = 0.0
         self._max_countdown = max_countdown
         self._deadline = deadline
+        self._progressed_at = 0.0
         self._senders = _Senders(SENDER_THREADS, on_exit=self._release_producer)
         url = app.conf.broker_write_url or app.conf.broker_url or ""
         options = app.conf.broker_transport_options or {}
@@ -235,11 +240,12 @@ class CeleryPublisher:
             return []
         if time.monotonic() < self._down_until:
             raise BrokerUnavailable("the broker failed a publish moments ago")
-        attempt = _Attempt(jobs)
+        attempt = _Attempt(jobs, self._progressed)
         self._senders.submit(lambda: self._carry(attempt))
-        # A batch may take longer than the deadline as long as messages keep going out.
-        while not attempt.done.wait(max(0.0, self._deadline - attempt.idle())):
-            if attempt.idle() >= self._deadline:
+        # A batch may take longer than the deadline as long as messages keep going out,
+        # and a call waiting for a free sender waits as long as the senders make progress.
+        while not attempt.done.wait(max(0.0, self._deadline - self._idle(attempt))):
+            if self._idle(attempt) >= self._deadline:
                 self._back_off()
                 raise BrokerUnavailable(
                     f"the broker took no message for {self._deadline:g} s", attempt.abandon()
@@ -249,6 +255,13 @@ class CeleryPublisher:
                 f"publish failed: {attempt.error!r}", attempt.published()
             ) from attempt.error
         return attempt.published()
+
+    def _progressed(self) -> None:
+        self._progressed_at = time.monotonic()
+
+    def _idle(self, attempt: _Attempt) -> float:
+        """Seconds since this call, or any other of this publisher, last made progress."""
+        return min(attempt.idle(), time.monotonic() - self._progressed_at)
 
     def _back_off(self) -> None:
         self._down_until = time.monotonic() + BROKER_DOWN_BACKOFF_SECONDS
