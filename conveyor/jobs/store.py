@@ -676,6 +676,13 @@ def is_terminal(state: JobState) -> bool:
     return state in TERMINAL_STATES
 
 
+def _lease_expiry(session: Session, lease_seconds: float, now: dt.datetime | None) -> Any:
+    """When a lease renewed now ends: on PostgreSQL inside the statement, by its clock."""
+    if is_postgres(session) and now is None:
+        return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, float(lease_seconds))
+    return (now or db_now(session)) + dt.timedelta(seconds=lease_seconds)
+
+
 def renew_leases(
     session: Session,
     held: Sequence[tuple[uuid.UUID, int]],
@@ -691,18 +698,13 @@ def renew_leases(
     """
     if not held:
         return set()
-    expires: Any
-    if is_postgres(session) and now is None:
-        expires = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, float(lease_seconds))
-    else:
-        expires = (now or db_now(session)) + dt.timedelta(seconds=lease_seconds)
     rows = session.execute(
         update(jobs)
         .where(
             tuple_(jobs.c.id, jobs.c.lease_token).in_([(i, t) for i, t in held]),
             jobs.c.state == JobState.RUNNING.value,
         )
-        .values(lease_expires_at=expires)
+        .values(lease_expires_at=_lease_expiry(session, lease_seconds, now))
         .returning(jobs.c.id, jobs.c.lease_token)
     ).all()
     return {(job_id, int(token)) for job_id, token in rows}
@@ -723,7 +725,6 @@ def extend_stop_windows(
     """
     if not stopping:
         return
-    now = now or db_now(session)
     session.execute(
         update(jobs)
         .where(
@@ -731,7 +732,7 @@ def extend_stop_windows(
             jobs.c.state != JobState.RUNNING.value,
             jobs.c.lease_expires_at.is_not(None),
         )
-        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=_lease_expiry(session, lease_seconds, now))
     )
 
 

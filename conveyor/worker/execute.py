@@ -196,7 +196,7 @@ class Executor:
                 metrics.JOB_RUN_SECONDS.labels(job.task).observe(time.perf_counter() - started)
                 if lost.is_set():
                     return self._lost(sessions, job, worker)
-                return self._failed(sessions, job, worker, error)
+                return self._failed(sessions, job, worker, error, lost)
             elapsed = time.perf_counter() - started
             metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
             # The lease is still renewed while the outcome is written, so a write that
@@ -372,7 +372,12 @@ class Executor:
         return Outcome(job.id, "ran-dead", JobState.DEAD)
 
     def _failed(
-        self, sessions: sessionmaker[Session], job: Job, worker: str, error: BaseException
+        self,
+        sessions: sessionmaker[Session],
+        job: Job,
+        worker: str,
+        error: BaseException,
+        lost: threading.Event,
     ) -> Outcome:
         described = describe_error(error)
         permanent = isinstance(error, PermanentError | UnknownTask | ValidationError)
@@ -382,7 +387,7 @@ class Executor:
                 job.attempts, base=task_type.retry_base_seconds, cap=task_type.retry_cap_seconds
             )
             waiting = self._write(
-                threading.Event(),
+                lost,
                 lambda: self._fail_retry(sessions, job, worker, described, delay),
             )
             if waiting is None:
@@ -397,7 +402,7 @@ class Executor:
             # A retry the broker did not take is published by the relay when due.
             self._reschedule(waiting)
             return Outcome(job.id, "ran-retrying", JobState.RETRYING, delay)
-        gone = self._write(threading.Event(), lambda: self._dead(sessions, job, worker, described))
+        gone = self._write(lost, lambda: self._dead(sessions, job, worker, described))
         if gone is None:
             return self._lost(sessions, job, worker)
         metrics.count_finished(job, JobState.DEAD.value)
