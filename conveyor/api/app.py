@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -23,7 +27,15 @@ from conveyor.observability.metrics import StateCollector
 
 def create_app(state: ApiState) -> FastAPI:
     """The API over the given store and publisher."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Submissions still waiting are recorded and answered before the process ends.
+        await asyncio.to_thread(state.committer.close)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Conveyor",
         version=__version__,
         description="Submit background jobs, follow them, and operate the platform.",

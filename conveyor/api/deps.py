@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from conveyor.api.problems import Problem
@@ -14,7 +15,7 @@ from conveyor.api.state import ApiState
 from conveyor.jobs.keys import ApiKey
 
 
-def get_state(request: Request) -> ApiState:
+async def get_state(request: Request) -> ApiState:
     """The API's shared state."""
     state: ApiState = request.app.state.conveyor
     return state
@@ -28,14 +29,20 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
 BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
-def get_key(
+async def get_key(
     state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 ) -> ApiKey:
-    """The caller's API key from `Authorization: Bearer …`; 401 when missing or unknown."""
+    """The caller's API key from `Authorization: Bearer …`; 401 when missing or unknown.
+
+    A key seen in the last seconds is answered from memory on the event loop; only a
+    lookup in the store goes to a thread.
+    """
     presented = credentials.credentials.strip() if credentials is not None else ""
     if not presented:
         raise Problem(401, "an API key is required: Authorization: Bearer <key>", headers=CHALLENGE)
-    key = state.key_cache.lookup(state.sessions, presented)
+    known, key = state.key_cache.cached(presented)
+    if not known:
+        key = await run_in_threadpool(state.key_cache.lookup, state.sessions, presented)
     if key is None:
         raise Problem(401, "the API key is unknown or revoked", headers=CHALLENGE)
     assert state.limiter is not None
@@ -50,10 +57,10 @@ def get_key(
     return key
 
 
-def require(scope: str) -> Callable[[ApiKey], ApiKey]:
+def require(scope: str) -> Callable[[ApiKey], Awaitable[ApiKey]]:
     """A dependency that answers 403 unless the key has `scope` (admin has every scope)."""
 
-    def check(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
+    async def check(key: Annotated[ApiKey, Depends(get_key)]) -> ApiKey:
         if scope not in key.scopes and "admin" not in key.scopes:
             raise Problem(403, f"this API key lacks the {scope!r} scope")
         return key

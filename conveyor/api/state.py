@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.api.ratelimit import RateLimiter
 from conveyor.config import Settings
 from conveyor.jobs import keys
+from conveyor.jobs.group_commit import GroupCommitter
 from conveyor.jobs.outbox import Publisher
 
 KEY_CACHE_SECONDS = 10.0
@@ -81,14 +82,21 @@ class KeyCache:
     _entries: dict[str, tuple[float, keys.ApiKey | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def cached(self, presented: str) -> tuple[bool, keys.ApiKey | None]:
+        """(True, the key or None) when the cache answers for this secret; else (False, None)."""
+        with self._lock:
+            cached = self._entries.get(keys.hash_key(presented))
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
+            return True, cached[1]
+        return False, None
+
     def lookup(self, sessions: sessionmaker[Session], presented: str) -> keys.ApiKey | None:
         """The live key for a presented secret, or None."""
+        known, found = self.cached(presented)
+        if known:
+            return found
         digest = keys.hash_key(presented)
         now = time.monotonic()
-        with self._lock:
-            cached = self._entries.get(digest)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
         with sessions() as session:
             found = keys.find_key(session, presented)
         with self._lock:
@@ -109,6 +117,7 @@ class ApiState:
     queue_depths: Callable[[], dict[str, int]] | None = None
     key_cache: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
+    committer: GroupCommitter = field(init=False)
 
     def __post_init__(self) -> None:
         # Routes call these on request threads: bound them whatever the broker does.
@@ -116,6 +125,7 @@ class ApiState:
             self.broker_check = BoundedProbe(self.broker_check)
         if self.queue_depths is not None and not isinstance(self.queue_depths, BoundedProbe):
             self.queue_depths = BoundedProbe(self.queue_depths)
+        self.committer = GroupCommitter(self.sessions, self.publisher)
         if self.limiter is None:
             self.limiter = RateLimiter(
                 self.settings.api_rate_per_second, float(self.settings.api_rate_burst)

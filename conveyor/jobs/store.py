@@ -185,16 +185,22 @@ def create_job(session: Session, new: NewJob, *, now: dt.datetime | None = None)
 
 
 def mark_published(
-    session: Session, job_ids: Iterable[uuid.UUID], *, now: dt.datetime | None = None
+    session: Session,
+    job_ids: Iterable[uuid.UUID],
+    *,
+    now: dt.datetime | None = None,
+    wait_for_disk: bool = False,
 ) -> None:
     """Note that the broker has the messages of these jobs (the outbox is drained).
 
     On PostgreSQL this commit does not wait for the disk: a mark lost in a crash only
     makes the relay publish the job again, and the extra delivery is dropped at claim.
+    `wait_for_disk` leaves the transaction's commit as it is, for a mark made inside a
+    transaction that must be durable for other reasons.
     """
     ids = list(job_ids)
     if ids:
-        if is_postgres(session):
+        if is_postgres(session) and not wait_for_disk:
             session.execute(text("SET LOCAL synchronous_commit = off"))
         stamp: Any = now
         if stamp is None:

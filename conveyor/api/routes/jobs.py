@@ -11,6 +11,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
@@ -27,6 +28,7 @@ from conveyor.api.schemas import (
     JobPage,
     ProblemOut,
 )
+from conveyor.api.state import ApiState
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
@@ -111,7 +113,7 @@ def _build(
         200: {"model": JobOut, "description": "The job an earlier request with this key made"},
     },
 )
-def submit_job(
+async def submit_job(
     body: JobIn,
     key: Submitter,
     state: State,
@@ -125,37 +127,49 @@ def submit_job(
     while the first request is still being recorded 409.
     """
     new = _build(body, key.tenant, idempotency_key)
-    digest = new.request_hash or ""
-    sessions = state.sessions
-    try:
-        with sessions.begin() as session:
-            if idempotency_key is not None:
-                if not store.lock_idempotency_key(session, key.tenant, idempotency_key):
-                    raise Problem(
-                        409,
-                        "a request with this Idempotency-Key is still in progress",
-                        slug="idempotency-key-in-progress",
-                        headers={"Retry-After": "1"},
-                    )
-                existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
-                if existing is not None:
-                    return _replay(existing, digest, response)
-            job = store.create_job(session, new)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        with sessions() as session:
-            existing = store.find_by_idempotency_key(session, key.tenant, idempotency_key)
-        if existing is None:
-            raise Problem(409, "a request with this Idempotency-Key is in progress") from None
-        return _replay(existing, digest, response)
+    if idempotency_key is not None:
+        return await run_in_threadpool(_submit_keyed, new, key.tenant, state, response)
+    # Submissions arriving together share one INSERT, one COMMIT and one publish.
+    recorded = await state.committer.submit(new)
+    return _accepted(recorded.job, recorded.published, response)
+
+
+def _accepted(job: Job, published: bool, response: Response) -> JobOut:
     metrics.count_submitted([job])
     log.info("job submitted", job_id=str(job.id), task=job.task, queue=job.queue)
-    published = outbox.publish_recorded(sessions, state.publisher, [job])
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not published:
         response.headers["Conveyor-Publish"] = "deferred"
     return JobOut.of(job)
+
+
+def _submit_keyed(new: NewJob, tenant: str, state: ApiState, response: Response) -> JobOut:
+    """A submission under an Idempotency-Key: a transaction of its own, holding the key."""
+    idempotency_key = new.idempotency_key
+    assert idempotency_key is not None
+    digest = new.request_hash or ""
+    sessions = state.sessions
+    try:
+        with sessions.begin() as session:
+            if not store.lock_idempotency_key(session, tenant, idempotency_key):
+                raise Problem(
+                    409,
+                    "a request with this Idempotency-Key is still in progress",
+                    slug="idempotency-key-in-progress",
+                    headers={"Retry-After": "1"},
+                )
+            existing = store.find_by_idempotency_key(session, tenant, idempotency_key)
+            if existing is not None:
+                return _replay(existing, digest, response)
+            job = store.create_job(session, new)
+    except IntegrityError:
+        with sessions() as session:
+            existing = store.find_by_idempotency_key(session, tenant, idempotency_key)
+        if existing is None:
+            raise Problem(409, "a request with this Idempotency-Key is in progress") from None
+        return _replay(existing, digest, response)
+    published = outbox.publish_recorded(sessions, state.publisher, [job])
+    return _accepted(job, published, response)
 
 
 @router.post("/batch", status_code=202, response_model=BatchOut, responses=PROBLEMS)

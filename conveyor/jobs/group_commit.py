@@ -1,0 +1,243 @@
+"""Group commit: single submissions that arrive together share one transaction.
+
+Each request hands its job to one recording thread and waits. The thread takes every job
+waiting at that moment (up to `max_batch`), records them with one multi-row INSERT and
+one durable COMMIT, publishes them together (one Redis pipeline, or one wait for
+RabbitMQ's confirms), and answers each request. Nothing waits on purpose: under load the
+jobs that arrive during one commit form the next batch, and an idle API records a lone
+job at once.
+
+The marks of publication do not cost a transaction each: they ride in the next batch's
+transaction, or, when no batch follows within `mark_delay`, go in one UPDATE of their
+own. A mark lost in a crash only makes the relay publish the job again; the extra
+delivery is dropped at claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.jobs import store
+from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.outbox import Publisher
+from conveyor.observability import logs
+
+log = logs.get(__name__)
+
+MAX_BATCH = 500
+MARK_DELAY = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A submission's answer: the job as recorded, and whether the broker took it."""
+
+    job: Job
+    published: bool
+
+
+Settle = Callable[["Recorded | BaseException"], None]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    new: NewJob
+    settle: Settle
+
+
+def _settle_future(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Recorded]) -> Settle:
+    """A callback, safe from any thread, that answers `future` on its loop."""
+
+    def answer(outcome: Recorded | BaseException) -> None:
+        if future.done():  # the caller went away; the job stays recorded
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def settle(outcome: Recorded | BaseException) -> None:
+        loop.call_soon_threadsafe(answer, outcome)
+
+    return settle
+
+
+class GroupCommitter:
+    """Records submissions in batches on a thread of its own; see the module's docstring."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        publisher: Publisher,
+        *,
+        max_batch: int = MAX_BATCH,
+        mark_delay: float = MARK_DELAY,
+    ) -> None:
+        self._sessions = sessions
+        self._publisher = publisher
+        self._max_batch = max_batch
+        self._mark_delay = mark_delay
+        self._waiting: deque[_Waiting] = deque()
+        self._marks: list[uuid.UUID] = []
+        self._marks_since = 0.0
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self.batches = 0  # how many transactions recorded jobs, for tests and stats
+
+    async def submit(self, new: NewJob) -> Recorded:
+        """Record `new` with whatever else is waiting; the job once committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recorded] = loop.create_future()
+        self.put(new, _settle_future(loop, future))
+        return await future
+
+    def submit_blocking(self, new: NewJob) -> Recorded:
+        """The same as `submit`, for a caller on a thread of its own."""
+        done = threading.Event()
+        box: list[Recorded | BaseException] = []
+
+        def settle(outcome: Recorded | BaseException) -> None:
+            box.append(outcome)
+            done.set()
+
+        self.put(new, settle)
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def put(self, new: NewJob, settle: Settle) -> None:
+        """Queue a job for the next batch; `settle` is called with its outcome."""
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the API is shutting down")
+            self._ensure_thread()
+            self._waiting.append(_Waiting(new, settle))
+            self._wake.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Record what is waiting, write the pending marks, and stop the thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        # A forked process inherits no thread; the marks it inherited are its parent's.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = None
+            self._marks = []
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._loop, name="conveyor-group-commit", daemon=True
+            )
+            self._thread.start()
+
+    def _next(self) -> list[_Waiting] | None:
+        """The next batch (possibly empty, when marks are due); None when closed and done."""
+        with self._wake:
+            while not self._waiting:
+                if self._closing:
+                    return None
+                if self._marks:
+                    due = self._marks_since + self._mark_delay - time.monotonic()
+                    if due <= 0:
+                        return []
+                    self._wake.wait(due)
+                else:
+                    self._wake.wait()
+            count = min(len(self._waiting), self._max_batch)
+            return [self._waiting.popleft() for _ in range(count)]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next()
+            if batch is None:
+                self._write_marks()
+                return
+            if batch:
+                self._record(batch)
+            else:
+                self._write_marks()
+
+    def _take_marks(self) -> list[uuid.UUID]:
+        marks, self._marks = self._marks, []
+        return marks
+
+    def _write_marks(self) -> None:
+        marks = self._take_marks()
+        if not marks:
+            return
+        try:
+            with self._sessions.begin() as session:
+                store.mark_published(session, marks)
+        except Exception as error:  # the relay publishes these again; claims drop extras
+            log.warning("could not mark jobs published: %s", error)
+
+    def _record(self, batch: list[_Waiting]) -> None:
+        marks = self._take_marks()
+        try:
+            with self._sessions.begin() as session:
+                jobs = store.create_jobs(session, [w.new for w in batch])
+                if marks:
+                    # Within this durable commit the marks cost one statement, no commit.
+                    store.mark_published(session, marks, wait_for_disk=True)
+        except (IntegrityError, DBAPIError) as error:
+            if marks:
+                self._marks = marks + self._marks
+            if len(batch) > 1 and _row_error(error):
+                # One job's values must not fail the others: record them one by one.
+                for waiting in batch:
+                    self._record([waiting])
+                return
+            for waiting in batch:
+                waiting.settle(error)
+            return
+        except BaseException as error:
+            if marks:
+                self._marks = marks + self._marks
+            for waiting in batch:
+                waiting.settle(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self.batches += 1
+        published = self._publish(jobs)
+        for waiting, job in zip(batch, jobs, strict=True):
+            waiting.settle(Recorded(job, job.id in published))
+        if published:
+            if not self._marks:
+                self._marks_since = time.monotonic()
+            self._marks.extend(published)
+
+    def _publish(self, jobs: Sequence[Job]) -> set[uuid.UUID]:
+        ready = [job for job in jobs if job.published_at is None]
+        if not ready:
+            return set()
+        try:
+            return set(self._publisher.publish(ready))
+        except Exception as error:  # the relay publishes these later
+            log.warning("publish failed, the relay will retry: %s", error)
+            sent: Any = getattr(error, "published", ())
+            return {i for i in sent if isinstance(i, uuid.UUID)}
+
+
+def _row_error(error: Exception) -> bool:
+    """Whether an error is about the values of some row (not the database being away)."""
+    return isinstance(error, IntegrityError | DataError)
