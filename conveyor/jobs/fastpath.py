@@ -60,6 +60,28 @@ WITH moved AS (
 SELECT * FROM moved
 """
 
+# Many successes of one worker process in one statement: the rows that still hold their
+# lease token move, each with its event; the ids and tokens that moved come back.
+SUCCEED_MANY_SQL = """
+WITH done AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::bigint[], %(results)s::jsonb[])
+        AS d(id, token, result)
+), moved AS (
+    UPDATE jobs SET state = 'succeeded', result = done.result,
+        finished_at = COALESCE(%(now)s::timestamptz, now()),
+        lease_expires_at = NULL, updated_at = COALESCE(%(now)s::timestamptz, now())
+    FROM done
+    WHERE jobs.id = done.id AND jobs.state = 'running' AND jobs.lease_token = done.token
+        AND jobs.worker = %(worker)s
+    RETURNING jobs.id, jobs.lease_token, jobs.attempts, jobs.updated_at
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker)
+    SELECT id, updated_at, 'succeeded', 'running', 'succeeded', attempts, %(worker)s
+    FROM moved
+)
+SELECT id, lease_token FROM moved
+"""
+
 
 def claim_params(
     job_id: uuid.UUID,
@@ -136,6 +158,24 @@ class FastPath:
         params = claim_params(job_id, worker=worker, lease_seconds=lease_seconds, limited=limited)
         row = self._run("claims", CLAIM_SQL, params)
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
+
+    def succeed_many(
+        self, worker: str, runs: Sequence[tuple[uuid.UUID, int, Any]]
+    ) -> set[tuple[uuid.UUID, int]]:
+        """running → succeeded for many (job, token, result) at once; the runs that moved."""
+        params = {
+            "ids": [job_id for job_id, _, _ in runs],
+            "tokens": [token for _, token, _ in runs],
+            "results": [Jsonb(result) for _, _, result in runs],
+            "worker": worker,
+            "now": None,
+        }
+        try:
+            cursor = self._connection("finishes").execute(SUCCEED_MANY_SQL, params)
+            return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
+        except psycopg.OperationalError:
+            self._local.finishes = None
+            raise
 
     def succeed(self, job_id: uuid.UUID, *, worker: str, token: int, result: Any) -> bool:
         """running → succeeded, as store.succeed; False when the run lost its lease."""

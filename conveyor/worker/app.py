@@ -15,6 +15,7 @@ from celery.signals import (
     setup_logging,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutdown,
     worker_shutting_down,
 )
 from opentelemetry.trace import SpanKind
@@ -86,6 +87,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         fast_path=FastPath(settings.database_url) if not settings.is_sqlite else None,
         limiter=limiter_for(settings) if settings.limits else None,
         rate_horizon=settings.rate_horizon_seconds,
+        batch_successes=True,
     )
 
     @worker_shutting_down.connect(weak=False)
@@ -98,9 +100,21 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         # A prefork child can be stopped by ending it; its pool starts another.
         leases.kill_process = True
 
+    def _write_pending_successes() -> None:
+        completer = executor.completer
+        if completer is not None and not completer.flush(settings.shutdown_grace_seconds):
+            # Their leases lapse unrenewed and rescue runs those jobs again.
+            log.warning("%d successes were not recorded before exit", completer.pending())
+
     @worker_process_shutdown.connect(weak=False)
     def _child_ending(**_kwargs: Any) -> None:
+        _write_pending_successes()
         tracing.flush()
+
+    @worker_shutdown.connect(weak=False)
+    def _worker_ending(**_kwargs: Any) -> None:
+        # The threads and solo pools run jobs in this process.
+        _write_pending_successes()
 
     app.conveyor_settings = settings
     app.conveyor_store = handle

@@ -29,6 +29,7 @@ from conveyor.jobs.tables import jobs as jobs_table
 from conveyor.observability import logs, metrics, tracing
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
+from conveyor.worker.completer import Completer, Success
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
 from conveyor.worker.limiter import Limiter, limit_key
 
@@ -144,6 +145,7 @@ class Executor:
         limiter: Limiter | None = None,
         fast_path: FastPath | None = None,
         rate_horizon: float = 1.0,
+        batch_successes: bool = False,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -156,6 +158,14 @@ class Executor:
         self._fast_path = fast_path
         self._limiter = limiter
         self._rate_horizon = rate_horizon
+        self.completer: Completer | None = None
+        if batch_successes and fast_path is not None:
+            self.completer = Completer(
+                fast_path,
+                leases,
+                lost=lambda job, worker: self._lost(self._sessions(), job, worker),
+                transient=TRANSIENT_DB_ERRORS,
+            )
 
     def run(self, job_id: uuid.UUID) -> Outcome:
         """Claim the job, run its handler, record the outcome; drop what it cannot claim."""
@@ -187,6 +197,7 @@ class Executor:
         log.info("job started")
         token = job.lease_token
         lost = self.leases.hold(job.id, token, job.timeout_seconds)
+        handed_over = False
         try:
             try:
                 task_type = self._registry.get(job.task)
@@ -199,13 +210,21 @@ class Executor:
                 return self._failed(sessions, job, worker, error, lost)
             elapsed = time.perf_counter() - started
             metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
+            if self.completer is not None:
+                # The lease stays held (and renewed) until the completer has written
+                # the success; this thread is free for the next delivery.
+                self.leases.detach(job.id, token)
+                handed_over = True
+                self.completer.add(Success(job, worker, result, elapsed, job_context(job)))
+                return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
             # The lease is still renewed while the outcome is written, so a write that
             # meets a passing database error can be tried again under it.
             held = self._write(lost, lambda: self._succeed(sessions, job, worker, result))
         except JobCancelled:
             return self._lost(sessions, job, worker)
         finally:
-            self.leases.drop(job.id, token)
+            if not handed_over:
+                self.leases.drop(job.id, token)
         if not held:
             log.info("job result not recorded: it was cancelled or taken away")
             return self._lost(sessions, job, worker)

@@ -56,6 +56,9 @@ class Held:
     # ends before the exception arrives, so it cannot surface in the next job.
     interrupted: bool = False
     forced: bool = False
+    # The run's code has ended and its outcome is being written: the lease is still
+    # renewed, but no stop is ever sent to the thread, which has moved on.
+    detached: bool = False
 
     @property
     def key(self) -> RunKey:
@@ -114,6 +117,17 @@ class LeaseKeeper:
             held = self._held.pop((job_id, token), None)
             if held is not None and held.interrupted and held.thread_id == threading.get_ident():
                 _set_async_exc(held.thread_id, None)
+
+    def detach(self, job_id: uuid.UUID, token: int) -> None:
+        """The run's code ended; keep its lease until `drop`, but never stop its thread."""
+        with self._lock:
+            held = self._held.get((job_id, token))
+            if held is None:
+                return
+            if held.interrupted and held.thread_id == threading.get_ident():
+                _set_async_exc(held.thread_id, None)
+            held.detached = True
+            held.deadline = None
 
     def holds(self, job_id: uuid.UUID, token: int) -> bool:
         """Whether this process still holds the run."""
@@ -185,7 +199,7 @@ class LeaseKeeper:
             held.lost_at = now
             held.lost.set()
             log.info("job %s: %s; stopping it", held.job_id, why)
-        elif not held.forced and now - held.lost_at >= self._stop_grace:
+        elif not held.forced and not held.detached and now - held.lost_at >= self._stop_grace:
             self._force_stop(held)
 
     def _force_stop(self, held: Held) -> None:

@@ -57,6 +57,7 @@ def test_limits_on_one_task_type_leave_the_others_on_the_fast_path(
     try:
         assert executor.run(echo.id).action == "ran-succeeded"
         assert executor.run(sleep.id).action == "ran-succeeded"
+        assert executor.completer is not None and executor.completer.flush(10)
     finally:
         handle.dispose()
     # The limited job went through flow control (its limit key recorded), the other did not.

@@ -291,20 +291,23 @@ def test_a_database_blip_at_the_success_write_is_retried_in_place(
     executor = app.conveyor_executor
     fast = executor._fast_path
     assert fast is not None
-    real = fast.succeed
+    assert executor.completer is not None
+    real = fast.succeed_many
     failures = [psycopg.OperationalError("server closed the connection unexpectedly")] * 2
 
-    def flaky(*args: Any, **kwargs: Any) -> bool:
+    def flaky(*args: Any, **kwargs: Any) -> set[Any]:
         if failures:
             raise failures.pop()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fast, "succeed", flaky)
+    monkeypatch.setattr(fast, "succeed_many", flaky)
     job = _create(pg_sessions, _new(payload={"keep": "me"}))
     try:
         outcome = executor.run(job.id)
+        assert executor.completer.flush(10)
     finally:
         handle.dispose()
+    assert not failures
     assert outcome.action == "ran-succeeded"
     done = _job(pg_sessions, job.id)
     assert done.state is JobState.SUCCEEDED and done.attempts == 1
