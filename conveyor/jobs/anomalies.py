@@ -50,9 +50,9 @@ from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.jobs import quantiles
-from conveyor.jobs.db import try_transaction_lock
 from conveyor.jobs.rollups import MINUTE, watermark
 from conveyor.jobs.states import JobState
+from conveyor.jobs.store.locks import try_transaction_lock
 from conveyor.jobs.tables import anomalies, job_rollups
 
 log = logging.getLogger(__name__)
