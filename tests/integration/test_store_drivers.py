@@ -20,38 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import retention, store
 from conveyor.jobs.db import db_now
-from conveyor.jobs.models import Job, JobError, NewJob
+from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store.postgres import PostgresDriver
 from conveyor.jobs.store.sqlite import SqliteDriver
 from conveyor.jobs.tables import job_events, jobs
+from tests.integration.store_values import ERROR, T0, TENANT, WORKER, at, new_job
 
-T0 = dt.datetime(2031, 3, 4, 12, 0, 0, tzinfo=dt.UTC)
-WORKER = "worker-a@host"
-TENANT = "acme"
-ERROR = JobError("ValueError", "boom", "Traceback ...", "f" * 64)
 S = JobState
-
-
-def at(seconds: float) -> dt.datetime:
-    """T0 plus some seconds."""
-    return T0 + dt.timedelta(seconds=seconds)
-
-
-def new_job(**overrides: Any) -> NewJob:
-    """A new job of the demo type for TENANT, with `overrides`."""
-    values: dict[str, Any] = {
-        "tenant": TENANT,
-        "task": "demo.echo",
-        "payload": {"n": 1},
-        "priority": "default",
-        "queue": "default",
-        "max_attempts": 3,
-        "timeout_seconds": 60.0,
-        "tags": ["a"],
-    }
-    values.update(overrides)
-    return NewJob(**values)
 
 
 class Db:
