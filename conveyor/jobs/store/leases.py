@@ -17,7 +17,13 @@ from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store.driver import database_now, driver_for
 from conveyor.jobs.store.reads import get_job
-from conveyor.jobs.store.writes import bury, error_values, record_event, update_job
+from conveyor.jobs.store.writes import (
+    bury,
+    error_values,
+    record_event,
+    unheld_values,
+    update_job,
+)
 from conveyor.jobs.tables import jobs
 
 
@@ -94,13 +100,7 @@ def rescue(
         session,
         job_id,
         [*expired, jobs.c.attempts < jobs.c.max_attempts],
-        {
-            "state": JobState.QUEUED.value,
-            "lease_expires_at": None,
-            "published_at": None,
-            "updated_at": now,
-            **error_values(lost),
-        },
+        {**unheld_values(now), **error_values(lost)},
     )
     if job is not None:
         record_event(

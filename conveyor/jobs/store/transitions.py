@@ -20,7 +20,14 @@ from conveyor.jobs.models import Job, JobError, NewJob
 from conveyor.jobs.states import TERMINAL_STATES, WAITING_STATES, JobState
 from conveyor.jobs.store.driver import database_now, driver_for
 from conveyor.jobs.store.reads import get_job
-from conveyor.jobs.store.writes import bury, error_values, held_by, record_event, update_job
+from conveyor.jobs.store.writes import (
+    bury,
+    error_values,
+    held_by,
+    record_event,
+    unheld_values,
+    update_job,
+)
 from conveyor.jobs.tables import jobs
 
 
@@ -199,12 +206,7 @@ def release(
         session,
         job_id,
         held_by(worker, token),
-        {
-            "state": JobState.QUEUED.value,
-            "lease_expires_at": None,
-            "published_at": None,
-            "updated_at": now,
-        },
+        unheld_values(now),
     )
     if job is not None:
         record_event(

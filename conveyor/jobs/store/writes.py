@@ -66,6 +66,16 @@ def held_by(worker: str, token: int) -> list[Any]:
     ]
 
 
+def unheld_values(now: dt.datetime) -> dict[str, Any]:
+    """The columns of a running job handed back to the queue: no lease, a message due."""
+    return {
+        "state": JobState.QUEUED.value,
+        "lease_expires_at": None,
+        "published_at": None,
+        "updated_at": now,
+    }
+
+
 def error_values(error: JobError) -> dict[str, Any]:
     """The error columns of a job that failed with `error`."""
     return {
