@@ -6,9 +6,11 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.jobs.store.driver import driver_for
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
@@ -60,22 +62,6 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def is_postgres(session: Session) -> bool:
-    """Whether the session's database is PostgreSQL (else SQLite)."""
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def try_transaction_lock(session: Session, key: int) -> bool:
-    """Take the transaction-scoped lock `key` if free; False when another holds it.
-
-    On PostgreSQL an advisory lock; SQLite transactions here begin IMMEDIATE and so
-    already run one at a time.
-    """
-    if not is_postgres(session):
-        return True
-    return bool(session.execute(select(func.pg_try_advisory_xact_lock(key))).scalar_one())
-
-
 def db_now(session: Session) -> dt.datetime:
     """The database's current time, which decides leases, rescue, leadership and slots.
 
@@ -83,7 +69,4 @@ def db_now(session: Session) -> dt.datetime:
     (a worker whose own clock runs ahead or behind cannot move a lease). SQLite runs
     inside this process, so its clock and the host's are the same one.
     """
-    if not is_postgres(session):
-        return dt.datetime.now(dt.UTC)
-    value: dt.datetime = session.execute(select(func.now())).scalar_one()
-    return value.astimezone(dt.UTC)
+    return driver_for(session).now(session)

@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.jobs.db import is_postgres
 from conveyor.jobs.states import JobState
+from conveyor.jobs.store.driver import driver_for
 from conveyor.jobs.tables import anomalies, job_events, job_rollups, jobs
 
 MIN_FINISHED_DAYS = 1.0
@@ -44,10 +44,8 @@ def _delete_jobs_batch(
         .order_by(jobs.c.finished_at)
         .limit(batch_size)
     )
-    if is_postgres(session):
-        # A row being requeued right now is left alone rather than waited for.
-        pick = pick.with_for_update(skip_locked=True)
-    ids = list(session.execute(pick).scalars())
+    # A row being requeued right now is left alone rather than waited for.
+    ids = list(session.execute(driver_for(session).skip_locked(pick)).scalars())
     if not ids:
         return 0, 0
     # The foreign key cascades too; deleting first keeps SQLite without it correct.
@@ -143,8 +141,8 @@ def cleanup(
         raise ValueError("retention days, batch size and batch count must be positive")
     if pause_seconds is None:
         with session_factory() as session:
-            sqlite = not is_postgres(session)
-        pause_seconds = SQLITE_PAUSE_SECONDS if sqlite else 0.0
+            single_writer = driver_for(session).single_writer
+        pause_seconds = SQLITE_PAUSE_SECONDS if single_writer else 0.0
     day = dt.timedelta(days=1)
     finished = [JobState.SUCCEEDED.value, JobState.CANCELLED.value]
     return {

@@ -25,9 +25,9 @@ from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.jobs import quantiles
-from conveyor.jobs.db import try_transaction_lock
 from conveyor.jobs.quantiles import Quantiles
 from conveyor.jobs.states import TERMINAL_STATES, JobState
+from conveyor.jobs.store.locks import try_transaction_lock
 from conveyor.jobs.tables import job_rollups, jobs, marks
 
 MARK = "aggregate"

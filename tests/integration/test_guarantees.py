@@ -24,6 +24,7 @@ from conveyor.jobs import leader, outbox, store
 from conveyor.jobs.db import db_now, make_session_factory
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
+from conveyor.jobs.store import cancellation
 from conveyor.jobs.tables import jobs, leases
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
@@ -276,7 +277,7 @@ def test_a_cancel_that_races_a_claim_cancels_the_running_job(
             raced.append(_claim(pg_sessions, job_id))
         return found
 
-    monkeypatch.setattr(store, "get_job", read_then_claim)
+    monkeypatch.setattr(cancellation, "get_job", read_then_claim)
     with pg_sessions.begin() as session:
         cancelled = store.cancel(session, job.id, tenant="acme")
     assert raced and cancelled is not None and cancelled.state is JobState.CANCELLED

@@ -20,37 +20,12 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import keys, store
-from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
+from conveyor.jobs.models import Job, JobError, JobEvent
 from conveyor.jobs.states import TERMINAL_STATES, JobState, can_move
 from conveyor.jobs.tables import api_keys, job_events, jobs
-
-T0 = dt.datetime(2031, 3, 4, 12, 0, 0, tzinfo=dt.UTC)
-WORKER = "worker-a@host"
-OTHER_WORKER = "worker-b@host"
-TENANT = "acme"
-ERROR = JobError("ValueError", "boom", "Traceback ...", "f" * 64)
+from tests.integration.store_values import ERROR, OTHER_WORKER, T0, TENANT, WORKER, at, new_job
 
 S = JobState
-
-
-def at(seconds: float) -> dt.datetime:
-    """T0 plus some seconds."""
-    return T0 + dt.timedelta(seconds=seconds)
-
-
-def new_job(**overrides: Any) -> NewJob:
-    values: dict[str, Any] = {
-        "tenant": TENANT,
-        "task": "demo.echo",
-        "payload": {"n": 1, "nested": {"list": [1, 2, 3]}},
-        "priority": "default",
-        "queue": "default",
-        "max_attempts": 3,
-        "timeout_seconds": 60.0,
-        "tags": ["a", "b"],
-    }
-    values.update(overrides)
-    return NewJob(**values)
 
 
 class Store:
