@@ -47,24 +47,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from sqlalchemy import text
 
 from bench import priority_bare
-from bench.throughput import (
-    PG_ADMIN_URL,
-    POLL_SECONDS,
-    BenchError,
-    Worker,
-    flush_broker,
-    positive_int,
-    run_guarded,
-    running_worker,
-    temporary_pg_database,
-    worker_env,
-)
+from bench.brokers import BenchBroker, check_bench_broker
+from bench.databases import PG_ADMIN_URL, temporary_pg_database
+from bench.harness import positive_int, run_guarded
+from bench.processes import POLL_SECONDS, BenchError, Worker, running_worker, worker_env
 from conveyor.cli.wiring import Platform, build_platform, run_migrations
 from conveyor.config import Settings
 from conveyor.jobs import outbox, quantiles
@@ -581,11 +572,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
     args = parser.parse_args(argv)
-    url = urlsplit(args.broker)
-    if url.scheme not in ("redis", "rediss") or url.path.strip("/") in ("", "0"):
-        parser.error(
-            "--broker must be a redis:// URL naming a database other than 0 (it is flushed)"
-        )
+    check_bench_broker(parser, args.broker, amqp=False)
     return Options(
         backlog=args.backlog,
         high=args.high,
@@ -617,10 +604,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = Settings.model_construct(**overrides)
     prefetch = (defaults.pool_prefetch("high"), defaults.pool_prefetch("low"))
 
-    def body(client: redis.Redis, logs: Path) -> bool:
+    def body(broker: BenchBroker, logs: Path) -> bool:
+        client = broker.redis
         started = time.monotonic()
         idle, busy, enqueue_seconds = run_conveyor(opts, prefetch, client, logs)
-        flush_broker(client)
+        broker.empty()
         bare = run_bare(opts, prefetch, client, logs)
         print(report(opts, prefetch, [idle, busy, bare], enqueue_seconds), flush=True)
         print(f"total run time {time.monotonic() - started:.0f}s", flush=True)

@@ -51,13 +51,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -66,43 +64,37 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
 import httpx
 import psycopg
 import redis
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import text
 
-from bench.bare_api import BareBatchIn, BareJobIn
-from bench.throughput import (
-    PG_ADMIN_URL,
-    BenchError,
-    Worker,
-    positive_int,
-    run_guarded,
-    running_worker,
-    temporary_pg_database,
-    worker_env,
+from bench.api_servers import (
+    BARE,
+    CONVEYOR,
+    TENANT,
+    ApiDatabase,
+    Target,
+    api_database,
+    api_servers,
 )
+from bench.bare_api import BareBatchIn, BareJobIn
+from bench.brokers import BenchBroker, check_bench_broker
+from bench.databases import PG_ADMIN_URL
+from bench.harness import positive_int, run_guarded
+from bench.processes import HOST, BenchError, process_cpu
 from conveyor.api.routes.jobs import request_hash
 from conveyor.api.schemas import BatchIn, BatchOut, JobIn, JobOut
 from conveyor.cli.wiring import build_platform
 from conveyor.config import POOLS, Settings
-from conveyor.jobs import migrate, store
-from conveyor.jobs.db import make_engine, make_session_factory
-from conveyor.jobs.keys import create_key
+from conveyor.jobs import store
 from conveyor.jobs.models import NewJob
-from conveyor.jobs.tables import jobs as jobs_table
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
 
 TASK = "demo.echo"
-TENANT = "bench"
-HOST = "127.0.0.1"
-POLL_SECONDS = 0.1
-CONVEYOR = "Conveyor"
-BARE = "bare"
 SINGLE = "single"
 BATCH = "batch"
 # The same pool size as `conveyor api` (conveyor.cli.services.api).
@@ -127,6 +119,19 @@ class Options:
     phase_timeout: float
     breakdown_samples: int
     keep_logs: bool
+
+
+class ClientOptions(Protocol):
+    """What the HTTP clients read from a benchmark's options."""
+
+    @property
+    def clients(self) -> int: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def request_timeout(self) -> float: ...
+    @property
+    def phase_timeout(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -165,16 +170,6 @@ class Tally:
                     self.deferred_jobs += jobs
             elif not self.first_error:
                 self.first_error = f"{status}: {body[:300].decode(errors='replace')}"
-
-
-@dataclass(frozen=True)
-class Target:
-    """A server under test and the extra header lines its requests carry."""
-
-    side: str
-    port: int
-    process: Worker
-    headers: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -283,7 +278,7 @@ def _raw_request(target: Target, call: Call) -> bytes:
 
 
 async def _raw_phase(
-    target: Target, calls: Sequence[Call], clients: int, opts: Options, tally: Tally
+    target: Target, calls: Sequence[Call], clients: int, opts: ClientOptions, tally: Tally
 ) -> float:
     """Send `calls` over `clients` keep-alive connections; the seconds from first to last."""
     prepared = [(call, _raw_request(target, call)) for call in calls]
@@ -328,7 +323,7 @@ async def _raw_phase(
 
 
 def _httpx_phase(
-    target: Target, calls: Sequence[Call], clients: int, opts: Options, tally: Tally
+    target: Target, calls: Sequence[Call], clients: int, opts: ClientOptions, tally: Tally
 ) -> float:
     """Send `calls` from `clients` threads, each with its own keep-alive httpx.Client."""
     base = f"http://{HOST}:{target.port}"
@@ -379,7 +374,7 @@ def _httpx_phase(
             session.close()
 
 
-def send(target: Target, calls: Sequence[Call], opts: Options) -> tuple[Tally, float]:
+def send(target: Target, calls: Sequence[Call], opts: ClientOptions) -> tuple[Tally, float]:
     """Send every call with the chosen client; the tally and the seconds it took."""
     tally = Tally()
     if opts.client == "raw":
@@ -390,16 +385,6 @@ def send(target: Target, calls: Sequence[Call], opts: Options) -> tuple[Tally, f
 
 
 # --------------------------------------------------------------------------- CPU accounting
-
-
-def process_cpu(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), or None off Linux."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class PgBackends:
@@ -472,30 +457,6 @@ def measure(
         redis_cpu=redis_cpu(client) - redis_before if client else None,
         load=(load_start, load_end),
     )
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_ready(process: Worker, base: str, path: str, timeout: float) -> None:
-    """Poll GET `path` until it answers 200; raise when the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=base, timeout=2.0) as client:
-        while True:
-            process.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(path).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{process.name} did not answer {path} within {timeout:.0f}s\n{process.tail()}"
-                )
-            time.sleep(POLL_SECONDS)
 
 
 def check_mirror() -> None:
@@ -573,27 +534,24 @@ def run_rounds(
 # --------------------------------------------------------------------------- verification
 
 
-def verify(engine: Engine, client: redis.Redis, accepted: Accepted) -> str:
-    """Jobs in the table == accepted jobs; messages in Redis == published jobs."""
-    with engine.connect() as connection:
-        total, unpublished = connection.execute(
-            select(
-                func.count(),
-                func.count().filter(jobs_table.c.published_at.is_(None)),
-            ).select_from(jobs_table)
-        ).one()
-    messages = sum(int(client.llen(queue)) for queue in POOLS)
+def verify(database: ApiDatabase, broker: BenchBroker, accepted: Accepted) -> str:
+    """Jobs in the table == accepted jobs; messages on the broker == published jobs."""
+    total, unpublished = database.job_counts()
+    messages = broker.depth(POOLS)
     line = (
         f"verified: jobs in the database {total} == jobs Conveyor accepted {accepted.jobs} "
         f"(warm-up included); unpublished {unpublished} == answered 'deferred' "
-        f"{accepted.deferred}; messages in Redis {messages} == published {total - unpublished}"
+        f"{accepted.deferred}; messages on the broker {messages} == published "
+        f"{total - unpublished}"
     )
     if total != accepted.jobs:
         raise BenchError(f"the jobs table holds {total} jobs, Conveyor accepted {accepted.jobs}")
     if unpublished != accepted.deferred:
         raise BenchError(f"{unpublished} jobs are unpublished, {accepted.deferred} were deferred")
     if messages != total - unpublished:
-        raise BenchError(f"Redis holds {messages} messages for {total - unpublished} published")
+        raise BenchError(
+            f"the broker holds {messages} messages for {total - unpublished} published"
+        )
     return line
 
 
@@ -833,11 +791,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     args = parser.parse_args(argv)
     if args.batch_size > 1000:
         parser.error("--batch-size must be at most 1000 (the API's limit)")
-    url = urlsplit(args.broker)
-    if url.scheme not in ("redis", "rediss") or url.path.strip("/") in ("", "0"):
-        parser.error(
-            "--broker must be a redis:// URL naming a database other than 0 (it is flushed)"
-        )
+    check_bench_broker(parser, args.broker, amqp=False)
     return Options(
         requests=args.requests,
         batch_size=args.batch_size,
@@ -856,74 +810,31 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
 
 
-def run(opts: Options, client: redis.Redis, logs: Path) -> tuple[str, int]:
+def run(opts: Options, broker: BenchBroker, logs: Path) -> tuple[str, int]:
     """Everything between creating the database and dropping it; the report and error count."""
     check_mirror()
-    with temporary_pg_database(opts.pg_admin_url) as database_url:
-        settings = Settings(database_url=database_url, broker_url=opts.broker)
-        engine = make_engine(settings.database_url, pool_size=1)
-        pg: PgBackends | None = None
+    with api_database(opts.pg_admin_url, opts.broker) as database:
+        pg = PgBackends(opts.pg_admin_url, database.name)
         try:
-            migrate.upgrade(engine)
-            with make_session_factory(engine).begin() as session:
-                key, _ = create_key(session, tenant=TENANT)
-            pg = PgBackends(opts.pg_admin_url, urlsplit(database_url).path.lstrip("/"))
-            return _with_servers(opts, settings, key, engine, pg, client, logs)
+            return _with_servers(opts, database, pg, broker, logs)
         finally:
-            if pg is not None:
-                pg.close()
-            engine.dispose()
+            pg.close()
 
 
 def _with_servers(
-    opts: Options,
-    settings: Settings,
-    key: str,
-    engine: Engine,
-    pg: PgBackends,
-    client: redis.Redis,
-    logs: Path,
+    opts: Options, database: ApiDatabase, pg: PgBackends, broker: BenchBroker, logs: Path
 ) -> tuple[str, int]:
-    conveyor_port, bare_port = free_port(), free_port()
-    conveyor_env = worker_env(
-        {
-            "CONVEYOR_DATABASE_URL": settings.database_url,
-            "CONVEYOR_BROKER_URL": opts.broker,
-            "CONVEYOR_API_HOST": HOST,
-            "CONVEYOR_API_PORT": str(conveyor_port),
-            "CONVEYOR_API_RATE_PER_SECOND": "0",
-            "CONVEYOR_LOG_LEVEL": "WARNING",
-        }
-    )
-    bare_env = worker_env(
-        {"BENCH_API_HOST": HOST, "BENCH_API_PORT": str(bare_port), "BENCH_LOG_LEVEL": "WARNING"}
-    )
-    conveyor_argv = [sys.executable, "-m", "conveyor", "api"]
-    bare_argv = [sys.executable, "-m", "bench.bare_api"]
-    print("starting both servers ...", file=sys.stderr, flush=True)
-    with (
-        running_worker("conveyor-api", conveyor_argv, conveyor_env, logs) as conveyor_process,
-        running_worker("bare-api", bare_argv, bare_env, logs) as bare_process,
-    ):
-        conveyor = Target(
-            CONVEYOR, conveyor_port, conveyor_process, {"Authorization": f"Bearer {key}"}
-        )
-        bare = Target(BARE, bare_port, bare_process, {})
-        for target in (conveyor, bare):
-            wait_ready(
-                target.process, f"http://{HOST}:{target.port}", "/healthz", opts.boot_timeout
-            )
-        wait_ready(conveyor_process, f"http://{HOST}:{conveyor_port}", "/readyz", 10.0)
+    with api_servers(database, logs, opts.boot_timeout) as (conveyor, bare):
         accepted = Accepted()
         print("warming up ...", file=sys.stderr, flush=True)
         warm_up(conveyor, opts, accepted)
         warm_up(bare, opts, None)
         print("measuring ...", file=sys.stderr, flush=True)
-        phases = run_rounds(opts, conveyor, bare, pg, client, accepted)
-    parts = [report(opts, phases), "", verify(engine, client, accepted)]
+        phases = run_rounds(opts, conveyor, bare, pg, broker.redis, accepted)
+    parts = [report(opts, phases), "", verify(database, broker, accepted)]
     if opts.breakdown_samples:
         print("timing the submit steps ...", file=sys.stderr, flush=True)
-        parts += ["", report_breakdown(opts, breakdown(settings, opts))]
+        parts += ["", report_breakdown(opts, breakdown(database.settings, opts))]
     errors = sum(phase.errors for phase in phases)
     if errors:
         details = "; ".join(
@@ -939,8 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both servers, print the table; 0 on success, 1 on a failed run."""
     opts = parse_args(argv)
 
-    def body(client: redis.Redis, logs: Path) -> bool:
-        text_out, errors = run(opts, client, logs)
+    def body(broker: BenchBroker, logs: Path) -> bool:
+        text_out, errors = run(opts, broker, logs)
         print(text_out, flush=True)
         return errors == 0
 

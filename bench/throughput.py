@@ -2,15 +2,18 @@
 
     uv run python -m bench.throughput --jobs 20000
 
-Two phases run one after the other on the same Redis broker (a dedicated database number,
-flushed before, between and after) with the same worker flags: pool class, concurrency,
-prefetch multiplier, log level, `--without-mingle --without-gossip`, and Conveyor's own
-Celery configuration (JSON only, the `default` queue, acks_late).
+Two phases run one after the other on the same broker (Redis: a dedicated database
+number, flushed before, between and after; or RabbitMQ: the known queues purged) with the
+same worker flags: pool class, concurrency, prefetch multiplier, log level,
+`--without-mingle --without-gossip`. The bare side takes Conveyor's own Celery configuration
+(JSON only, the `default` queue, acks_late) or, with `--bare-config celery`, Celery's
+defaults (the `celery` queue, early acks, no publisher confirms).
 
-(a) bare Celery (`bench.bare_app`): N no-op messages are sent with one reused producer
-    (timed: enqueue), then one `celery worker` process is started and the drain is timed.
-    The task records its completion in Redis (one Lua call: a counter and the earliest and
-    latest completion times).
+(a) bare Celery (`bench.bare_app`): N no-op messages are sent with `apply_async` on one
+    reused producer (timed: enqueue), then one `celery worker` process is started and the
+    drain is timed. The task records its completion in Redis (the broker's database, or
+    `bare_app.RECORD_URL` on RabbitMQ; one Lua call: a counter and the earliest and latest
+    completion times).
 (b) Conveyor: a fresh temporary PostgreSQL database is created and migrated, N `demo.echo`
     jobs with payload {} are recorded and published through the outbox
     (`conveyor.jobs.outbox.submit` with the CeleryPublisher of `build_platform`) in batches
@@ -35,28 +38,31 @@ shared machine a much higher figure means the two sides did not run under equal 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import TextIO
-from urllib.parse import urlsplit
 
-import psycopg
 import redis
+from celery import Celery
 from sqlalchemy import text
 
 from bench import bare_app
+from bench.brokers import BARE_QUEUE, BenchBroker, check_bench_broker
+from bench.databases import PG_ADMIN_URL, temporary_pg_database
+from bench.harness import positive_int, run_guarded
+from bench.processes import (
+    BenchError,
+    Worker,
+    group_memory_mb,
+    running_worker,
+    wait_for,
+    worker_env,
+)
 from conveyor.cli.wiring import Platform, build_platform, run_migrations
 from conveyor.config import Settings
 from conveyor.jobs import outbox
@@ -64,15 +70,7 @@ from conveyor.jobs.models import NewJob
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
 
-ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "default"
-PG_ADMIN_URL = os.environ.get("CONVEYOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-POLL_SECONDS = 0.2
-STOP_GRACE_SECONDS = 15.0
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,12 @@ class Options:
     drain_timeout: float
     boot_timeout: float
     keep_logs: bool
+    bare_config: str = "conveyor"
+
+    @property
+    def bare_queue(self) -> str:
+        """The queue the bare side sends to and consumes."""
+        return QUEUE if self.bare_config == "conveyor" else BARE_QUEUE
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ class Result:
     drain_seconds: float  # first completion to last completion
     wall_seconds: float  # worker start to last completion
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at drain start and end
+    # RSS and PSS in MB of the worker's process group after the drain, and how many processes.
+    memory: tuple[float, float, int] | None = None
 
     @property
     def enqueue_rate(self) -> float:
@@ -123,162 +129,60 @@ class Result:
         return self.jobs / self.wall_seconds if self.wall_seconds > 0 else float("nan")
 
 
-# --------------------------------------------------------------------------- processes
+# What a caller may do with a worker once it has drained its queue and sits idle, before
+# it is measured and stopped.
+BareHook = Callable[[Worker, Celery, redis.Redis], None]
+ConveyorHook = Callable[[Worker, Platform], None]
 
 
-class Worker:
-    """A worker process in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self._log_file: TextIO = log.open("w")
-        self.started_at = time.time()
-        self.process = subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def check_alive(self) -> None:
-        """Raise when the process has exited."""
-        code = self.process.poll()
-        if code is not None:
-            raise BenchError(f"{self.name} worker exited with {code}\n{self.tail()}")
-
-    def tail(self, lines: int = 25) -> str:
-        """The last lines of the worker's output."""
-        self._log_file.flush()
-        try:
-            text_lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(f"  | {line}" for line in text_lines[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after a grace period; always returns."""
-        try:
-            if self.process.poll() is None:
-                _signal_group(self.process.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=STOP_GRACE_SECONDS)
-            # Pool children may outlive their parent: sweep the whole group regardless.
-            _signal_group(self.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
-        finally:
-            self._log_file.close()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-@contextlib.contextmanager
-def running_worker(
-    name: str, argv: Sequence[str], env: dict[str, str], logs: Path
-) -> Iterator[Worker]:
-    """Start a worker; it is stopped when the block ends, however it ends."""
-    worker = Worker(name, argv, env, logs / f"{name}.log")
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def wait_for(
-    condition: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    worker: Worker | None = None,
-    progress: Callable[[], str] | None = None,
-) -> None:
-    """Poll `condition` every POLL_SECONDS until true; raise after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if worker is not None:
-            worker.check_alive()
-        if time.monotonic() > deadline:
-            detail = f" ({progress()})" if progress else ""
-            tail = f"\n{worker.tail()}" if worker else ""
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}{detail}{tail}")
-        time.sleep(POLL_SECONDS)
-
-
-def flush_broker(client: redis.Redis) -> None:
-    """Empty the benchmark's Redis database: messages, bindings, unacked, counters."""
-    client.flushdb()
-
-
-def check_queue_length(client: redis.Redis, expected: int) -> None:
+def check_queue_length(broker: BenchBroker, queue: str, expected: int) -> None:
     """Fail unless the queue holds exactly the messages just sent."""
-    length = int(client.llen(QUEUE))
+    length = broker.depth(queue)
     if length != expected:
-        raise BenchError(f"queue {QUEUE!r} holds {length} messages after enqueue, not {expected}")
+        raise BenchError(f"queue {queue!r} holds {length} messages after enqueue, not {expected}")
 
 
-def worker_env(extra: dict[str, str]) -> dict[str, str]:
-    """The environment of a worker process: ours, with the project importable."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
-
-
-@contextlib.contextmanager
-def temporary_pg_database(admin_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database for the duration; yields its SQLAlchemy URL."""
-    name = f"conveyor_bench_{uuid.uuid4().hex[:12]}"
-    admin = urlsplit(admin_url)
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin._replace(scheme="postgresql+psycopg", path=f"/{name}").geturl()
-    finally:
-        try:
-            with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        except psycopg.Error as error:
-            print(f"bench: could not drop database {name}: {error}", file=sys.stderr)
+def wait_drained(
+    opts: Options, worker: Worker, side: str, done: Callable[[], int], drained: Callable[[], bool]
+) -> tuple[float, float]:
+    """Wait for the first completion (boot), then for the drain; the 1-minute load average
+    at the drain's start and end."""
+    wait_for(
+        lambda: done() >= 1,
+        timeout=opts.boot_timeout,
+        what=f"the {side} worker's first completion",
+        worker=worker,
+    )
+    load_start = os.getloadavg()[0]
+    wait_for(
+        drained,
+        timeout=opts.drain_timeout,
+        what=f"the {side} drain",
+        worker=worker,
+        progress=lambda: f"{done()}/{opts.jobs} done",
+    )
+    return load_start, os.getloadavg()[0]
 
 
 # --------------------------------------------------------------------------- (a) bare Celery
 
 
-def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
-    """Enqueue N no-op messages with one producer, then drain them with one worker process."""
-    app = bare_app.make_app(opts.broker, opts.prefetch)
-    try:
-        deadline = time.monotonic() + opts.enqueue_timeout
-        started = time.perf_counter()
-        with app.producer_or_acquire() as producer:
-            for i in range(opts.jobs):
-                app.send_task(
-                    bare_app.NOOP_TASK,
-                    args=[str(uuid.uuid4())],
-                    queue=QUEUE,
-                    routing_key=QUEUE,
-                    producer=producer,
-                )
-                if i % 1000 == 0 and time.monotonic() > deadline:
-                    raise BenchError(f"bare enqueue took over {opts.enqueue_timeout:.0f}s")
-        enqueue_seconds = time.perf_counter() - started
-    finally:
-        app.close()
-    check_queue_length(client, opts.jobs)
+def enqueue_bare(app: Celery, jobs: int, timeout: float) -> float:
+    """Send `jobs` no-op messages with `apply_async` on one reused producer; the seconds."""
+    task = app.tasks[bare_app.NOOP_TASK]
+    deadline = time.monotonic() + timeout
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for i in range(jobs):
+            task.apply_async(args=[str(uuid.uuid4())], producer=producer)
+            if i % 1000 == 0 and time.monotonic() > deadline:
+                raise BenchError(f"bare enqueue took over {timeout:.0f}s")
+    return time.perf_counter() - started
 
-    argv = [
+
+def bare_worker_argv(opts: Options) -> list[str]:
+    """`celery worker` with the flags `conveyor worker` passes to Celery."""
+    return [
         sys.executable,
         "-m",
         "celery",
@@ -286,9 +190,11 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
         "bench.bare_app",
         "worker",
         "--queues",
-        QUEUE,
+        opts.bare_queue,
         "--concurrency",
         str(opts.concurrency),
+        "--prefetch-multiplier",
+        str(opts.prefetch),
         "--pool",
         opts.pool,
         "--hostname",
@@ -298,30 +204,45 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
         "--without-mingle",
         "--without-gossip",
     ]
-    env = worker_env({"BENCH_BROKER_URL": opts.broker, "BENCH_PREFETCH": str(opts.prefetch)})
 
-    def done() -> int:
-        return int(client.get(bare_app.DONE_KEY) or 0)
 
-    with running_worker("bare", argv, env, logs) as worker:
-        wait_for(
-            lambda: done() >= 1,
-            timeout=opts.boot_timeout,
-            what="the bare worker's first completion",
-            worker=worker,
+def run_bare(
+    opts: Options, broker: BenchBroker, logs: Path, after_drain: BareHook | None = None
+) -> Result:
+    """Enqueue N no-op messages with one producer, then drain them with one worker process."""
+    record_url = bare_app.record_url_for(opts.broker)
+    app = bare_app.make_app(
+        opts.broker, opts.prefetch, config=opts.bare_config, record_url=record_url
+    )
+    client = redis.Redis.from_url(record_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        client.delete(bare_app.DONE_KEY, bare_app.FIRST_KEY, bare_app.LAST_KEY)
+        client.delete(bare_app.STARTS_KEY)
+        enqueue_seconds = enqueue_bare(app, opts.jobs, opts.enqueue_timeout)
+        check_queue_length(broker, opts.bare_queue, opts.jobs)
+        env = worker_env(
+            {
+                "BENCH_BROKER_URL": opts.broker,
+                "BENCH_PREFETCH": str(opts.prefetch),
+                "BENCH_BARE_CONFIG": opts.bare_config,
+                "BENCH_RECORD_URL": record_url,
+            }
         )
-        load_start = os.getloadavg()[0]
-        wait_for(
-            lambda: done() >= opts.jobs,
-            timeout=opts.drain_timeout,
-            what="the bare drain",
-            worker=worker,
-            progress=lambda: f"{done()}/{opts.jobs} done",
-        )
-        load_end = os.getloadavg()[0]
-        first = float(client.get(bare_app.FIRST_KEY) or 0)
-        last = float(client.get(bare_app.LAST_KEY) or 0)
-        count = done()
+
+        def done() -> int:
+            return int(client.get(bare_app.DONE_KEY) or 0)
+
+        with running_worker("bare", bare_worker_argv(opts), env, logs) as worker:
+            load = wait_drained(opts, worker, "bare", done, lambda: done() >= opts.jobs)
+            first = float(client.get(bare_app.FIRST_KEY) or 0)
+            last = float(client.get(bare_app.LAST_KEY) or 0)
+            count = done()
+            memory = group_memory_mb(worker.process.pid)
+            if after_drain is not None:
+                after_drain(worker, app, client)
+    finally:
+        client.close()
+        app.close()
     if count != opts.jobs:
         raise BenchError(f"bare Celery ran {count} tasks for {opts.jobs} messages")
     return Result(
@@ -331,14 +252,17 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
         boot_seconds=first - worker.started_at,
         drain_seconds=last - first,
         wall_seconds=last - worker.started_at,
-        load=(load_start, load_end),
+        load=load,
+        memory=memory,
     )
 
 
 # --------------------------------------------------------------------------- (b) Conveyor
 
 
-def run_conveyor(opts: Options, logs: Path) -> Result:
+def run_conveyor(
+    opts: Options, broker: BenchBroker, logs: Path, after_drain: ConveyorHook | None = None
+) -> Result:
     """Record and publish N demo.echo jobs, then drain them with one `conveyor worker`."""
     with temporary_pg_database(opts.pg_admin_url) as database_url:
         settings = Settings(
@@ -351,27 +275,51 @@ def run_conveyor(opts: Options, logs: Path) -> Result:
         run_migrations(settings)
         platform = build_platform(settings)
         try:
-            return _conveyor_phase(opts, settings, platform, logs)
+            return _conveyor_phase(opts, settings, platform, broker, logs, after_drain)
         finally:
             platform.celery.close()
             platform.store.dispose()
 
 
-def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs: Path) -> Result:
-    sessions = platform.sessions
-    publisher = platform.publisher
-    deadline = time.monotonic() + opts.enqueue_timeout
+def enqueue_conveyor(platform: Platform, jobs: int, batch: int, timeout: float) -> float:
+    """Record and publish `jobs` demo.echo jobs through the outbox in batches; the seconds."""
+    deadline = time.monotonic() + timeout
     started = time.perf_counter()
-    for offset in range(0, opts.jobs, opts.batch):
-        size = min(opts.batch, opts.jobs - offset)
-        batch: list[NewJob] = [
+    for offset in range(0, jobs, batch):
+        size = min(batch, jobs - offset)
+        new: list[NewJob] = [
             build_new_job(registry, tenant="bench", task="demo.echo", payload={})
             for _ in range(size)
         ]
-        outbox.submit(sessions, publisher, batch)
+        outbox.submit(platform.sessions, platform.publisher, new)
         if time.monotonic() > deadline:
-            raise BenchError(f"Conveyor enqueue took over {opts.enqueue_timeout:.0f}s")
-    enqueue_seconds = time.perf_counter() - started
+            raise BenchError(f"Conveyor enqueue took over {timeout:.0f}s")
+    return time.perf_counter() - started
+
+
+def conveyor_worker_env(opts: Options, settings: Settings) -> dict[str, str]:
+    """The environment of a `conveyor worker` on these settings."""
+    return worker_env(
+        {
+            "CONVEYOR_DATABASE_URL": settings.database_url,
+            "CONVEYOR_BROKER_URL": opts.broker,
+            "CONVEYOR_PREFETCH_MULTIPLIER": str(opts.prefetch),
+            "CONVEYOR_WORKER_POOL_CLASS": opts.pool,
+            "CONVEYOR_LOG_LEVEL": opts.loglevel,
+        }
+    )
+
+
+def _conveyor_phase(
+    opts: Options,
+    settings: Settings,
+    platform: Platform,
+    broker: BenchBroker,
+    logs: Path,
+    after_drain: ConveyorHook | None,
+) -> Result:
+    sessions = platform.sessions
+    enqueue_seconds = enqueue_conveyor(platform, opts.jobs, opts.batch, opts.enqueue_timeout)
 
     def scalar(sql: str) -> int:
         with sessions() as session:
@@ -380,11 +328,7 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
     unpublished = scalar("SELECT count(*) FROM jobs WHERE published_at IS NULL")
     if unpublished:
         raise BenchError(f"{unpublished} jobs were recorded but not published (see warnings)")
-    client = redis.Redis.from_url(opts.broker, socket_timeout=10)
-    try:
-        check_queue_length(client, opts.jobs)
-    finally:
-        client.close()
+    check_queue_length(broker, QUEUE, opts.jobs)
 
     argv = [
         sys.executable,
@@ -396,15 +340,6 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
         "--concurrency",
         str(opts.concurrency),
     ]
-    env = worker_env(
-        {
-            "CONVEYOR_DATABASE_URL": settings.database_url,
-            "CONVEYOR_BROKER_URL": opts.broker,
-            "CONVEYOR_PREFETCH_MULTIPLIER": str(opts.prefetch),
-            "CONVEYOR_WORKER_POOL_CLASS": opts.pool,
-            "CONVEYOR_LOG_LEVEL": opts.loglevel,
-        }
-    )
     succeeded_sql = "SELECT count(*) FROM jobs WHERE state = 'succeeded'"
     failed_sql = "SELECT count(*) FROM jobs WHERE state IN ('retrying', 'dead', 'cancelled')"
 
@@ -416,29 +351,18 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
             raise BenchError("some demo.echo jobs failed; see the jobs table's error columns")
         return succeeded() >= opts.jobs
 
-    with running_worker("conveyor", argv, env, logs) as worker:
-        wait_for(
-            lambda: succeeded() >= 1,
-            timeout=opts.boot_timeout,
-            what="the Conveyor worker's first completion",
-            worker=worker,
-        )
-        load_start = os.getloadavg()[0]
-        wait_for(
-            finished_all,
-            timeout=opts.drain_timeout,
-            what="the Conveyor drain",
-            worker=worker,
-            progress=lambda: f"{succeeded()}/{opts.jobs} succeeded",
-        )
-        load_end = os.getloadavg()[0]
-    with sessions() as session:
-        row = session.execute(
-            text(
-                "SELECT count(*), min(finished_at), max(finished_at) FROM jobs"
-                " WHERE state = 'succeeded'"
-            )
-        ).one()
+    with running_worker("conveyor", argv, conveyor_worker_env(opts, settings), logs) as worker:
+        load = wait_drained(opts, worker, "Conveyor", succeeded, finished_all)
+        with sessions() as session:
+            row = session.execute(
+                text(
+                    "SELECT count(*), min(finished_at), max(finished_at) FROM jobs"
+                    " WHERE state = 'succeeded'"
+                )
+            ).one()
+        memory = group_memory_mb(worker.process.pid)
+        if after_drain is not None:
+            after_drain(worker, platform)
     count, first_at, last_at = int(row[0]), row[1], row[2]
     if count != opts.jobs:
         raise BenchError(f"Conveyor finished {count} of {opts.jobs} jobs")
@@ -451,7 +375,8 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
         boot_seconds=first - worker.started_at,
         drain_seconds=last - first,
         wall_seconds=last - worker.started_at,
-        load=(load_start, load_end),
+        load=load,
+        memory=memory,
     )
 
 
@@ -499,14 +424,6 @@ def _ratio(ours: float, theirs: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 def parse_args(argv: Sequence[str] | None) -> Options:
     """Read the command line."""
     parser = argparse.ArgumentParser(
@@ -517,7 +434,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--broker",
         default="redis://127.0.0.1:6379/9",
-        help="a Redis URL with a dedicated database number, FLUSHED before, between and after",
+        help="a Redis URL with a dedicated database number, FLUSHED before, between and after; "
+        "or an amqp:// URL, whose Conveyor and bare queues are PURGED",
     )
     parser.add_argument("--concurrency", type=positive_int, default=2, help="worker pool size")
     parser.add_argument("--pool", choices=("prefork", "threads", "solo"), default="prefork")
@@ -534,12 +452,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--drain-timeout", type=float, default=900.0, help="seconds per side")
     parser.add_argument("--boot-timeout", type=float, default=60.0, help="seconds per worker")
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
+    parser.add_argument(
+        "--bare-config",
+        choices=bare_app.CONFIGS,
+        default="conveyor",
+        help="the bare side's Celery configuration: Conveyor's own, or Celery's defaults",
+    )
     args = parser.parse_args(argv)
-    url = urlsplit(args.broker)
-    if url.scheme not in ("redis", "rediss") or url.path.strip("/") in ("", "0"):
-        parser.error(
-            "--broker must be a redis:// URL naming a database other than 0 (it is flushed)"
-        )
+    check_bench_broker(parser, args.broker, amqp=True)
     return Options(
         jobs=args.jobs,
         broker=args.broker,
@@ -553,53 +473,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         drain_timeout=args.drain_timeout,
         boot_timeout=args.boot_timeout,
         keep_logs=args.keep_logs,
+        bare_config=args.bare_config,
     )
-
-
-def run_guarded(
-    broker: str,
-    *,
-    prefix: str,
-    keep_logs: bool,
-    kept: str,
-    body: Callable[[redis.Redis, Path], bool],
-) -> int:
-    """Run a benchmark body with its broker db flushed before and after, and its logs in a
-    temporary folder kept on failure; every failure is one line. 0 on success, else 1."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    logs = Path(tempfile.mkdtemp(prefix=prefix))
-    client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
-    ok = False
-    try:
-        flush_broker(client)
-        ok = body(client, logs)
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-    except Exception as error:  # a service failed under us: one line, not a traceback
-        print(f"bench: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-    finally:
-        with contextlib.suppress(redis.RedisError):
-            flush_broker(client)
-        client.close()
-        if ok and not keep_logs:
-            shutil.rmtree(logs, ignore_errors=True)
-        else:
-            print(f"bench: {kept} logs kept in {logs}", file=sys.stderr)
-    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both sides and print the table; 0 on success, 1 on a failed run."""
     opts = parse_args(argv)
 
-    def body(client: redis.Redis, logs: Path) -> bool:
+    def body(broker: BenchBroker, logs: Path) -> bool:
         print(f"(a) bare Celery: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
-        bare = run_bare(opts, client, logs)
-        flush_broker(client)
+        bare = run_bare(opts, broker, logs)
+        broker.empty()
         print(f"(b) Conveyor: {opts.jobs} jobs ...", file=sys.stderr, flush=True)
-        conveyor = run_conveyor(opts, logs)
+        conveyor = run_conveyor(opts, broker, logs)
         print(report(opts, bare, conveyor), flush=True)
         return True
 
