@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -86,7 +87,8 @@ class Job:
     @classmethod
     def from_row(cls, row: RowMapping) -> Job:
         """Build from a row of the jobs table."""
-        values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
+        names = _job_fields()
+        values = {name: value for name, value in row.items() if name in names}
         values["state"] = JobState(values["state"])
         return cls(**values)
 
@@ -101,6 +103,11 @@ class Job:
             self.error_traceback,
             self.error_fingerprint,
         )
+
+
+@functools.cache
+def _job_fields() -> frozenset[str]:
+    return frozenset(f.name for f in fields(Job))
 
 
 @dataclass(frozen=True, slots=True)

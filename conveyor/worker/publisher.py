@@ -29,7 +29,6 @@ from celery import Celery
 from kombu.messaging import Producer
 from opentelemetry.trace import SpanKind
 
-from conveyor.config import RUN_TASK
 from conveyor.config.celery_config import is_amqp
 from conveyor.jobs.models import Job
 from conveyor.jobs.states import JobState
@@ -37,6 +36,9 @@ from conveyor.jobs.store import utcnow
 from conveyor.observability import tracing
 from conveyor.worker.broker import bounded_connection
 from conveyor.worker.confirms import Confirms
+from conveyor.worker.messages import RunMessages, message_headers
+
+__all__ = ["BrokerUnavailable", "CeleryPublisher", "message_headers"]
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
@@ -65,21 +67,6 @@ class BrokerUnavailable(ConnectionError):
     def __init__(self, message: str, published: Sequence[uuid.UUID] = ()) -> None:
         super().__init__(message)
         self.published = list(published)
-
-
-HARD_LIMIT_GRACE_SECONDS = 10.0
-
-
-def message_headers(job: Job) -> dict[str, str]:
-    """Headers of a job's message: what it is, and the trace and request it belongs to."""
-    headers = {"conveyor_task": job.task, "conveyor_tenant": job.tenant}
-    # Inside the publish span: the run becomes its child. Else the job's own trace.
-    traceparent = tracing.current_traceparent() or job.traceparent
-    if traceparent:
-        headers["traceparent"] = traceparent
-    if job.request_id:
-        headers["conveyor_request_id"] = job.request_id
-    return headers
 
 
 class _Attempt:
@@ -216,6 +203,7 @@ class CeleryPublisher:
         deadline: float = PUBLISH_DEADLINE_SECONDS,
     ) -> None:
         self._app = app
+        self._messages = RunMessages(app)
         self._down_until = 0.0
         self._max_countdown = max_countdown
         self._deadline = deadline
@@ -270,7 +258,15 @@ class CeleryPublisher:
         """On a sender thread: publish the attempt's jobs unless its caller gave up."""
         try:
             if not attempt.abandoned:
-                attempt.context.run(self._send, attempt)
+                try:
+                    attempt.context.run(self._send, attempt)
+                except Exception:
+                    if attempt.published() or attempt.abandoned:
+                        raise
+                    # A connection gone stale since its last use (a broker restart): once
+                    # more on a new one, while the caller still waits.
+                    self._release_producer()
+                    attempt.context.run(self._send, attempt)
         except Exception as error:
             attempt.error = error
             self._back_off()
@@ -325,6 +321,8 @@ class CeleryPublisher:
     def _send(self, attempt: _Attempt) -> None:
         producer = self._producer()
         due = self._due(attempt.jobs)
+        for queue_name in {job.queue for job, _ in due}:
+            self._messages.declare(producer, queue_name)
         for start in range(0, len(due), MESSAGES_PER_ROUND_TRIP):
             chunk = due[start : start + MESSAGES_PER_ROUND_TRIP]
             if self._confirms:
@@ -373,6 +371,10 @@ class CeleryPublisher:
         confirms.wait(self._deadline)
 
     def _send_one(self, producer: Producer, job: Job, options: dict[str, Any]) -> None:
+        countdown = options.get("countdown")
+        if not tracing.enabled():
+            self._messages.publish(producer, job, countdown)
+            return
         with tracing.span(
             f"publish {job.task}",
             kind=SpanKind.PRODUCER,
@@ -382,17 +384,7 @@ class CeleryPublisher:
                 "messaging.destination.name": job.queue,
             },
         ):
-            self._app.send_task(
-                RUN_TASK,
-                args=[str(job.id)],
-                queue=job.queue,
-                routing_key=job.queue,
-                producer=producer,
-                soft_time_limit=job.timeout_seconds,
-                time_limit=job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
-                headers=message_headers(job),
-                **options,
-            )
+            self._messages.publish(producer, job, countdown)
 
 
 class _GaveUp(Exception):

@@ -1,0 +1,98 @@
+"""A job's `conveyor.run` message, written in Celery's task protocol (version 2) directly.
+
+Celery's `send_task` routes, reprs the arguments, fires signals and wraps every publish
+in a retrying `ensure` call: several times the cost of the publish itself. Every
+Conveyor message is the same task with one argument, so its headers are filled in here
+and handed to kombu as they are; the worker cannot tell them from `send_task`'s. A
+failed publish is not retried message by message: the publisher's caller leaves the job
+to the relay, and the publisher retries a whole call once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from kombu.messaging import Producer
+
+from conveyor.config import RUN_TASK
+from conveyor.jobs.models import Job
+from conveyor.observability import tracing
+
+# The time limit Celery enforces past a job's own (soft) one.
+HARD_LIMIT_GRACE_SECONDS = 10.0
+# Protocol 2's third body element: no callbacks, errbacks, chain or chord.
+_EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_PERSISTENT = 2
+
+
+def message_headers(job: Job) -> dict[str, str]:
+    """Headers of a job's message: what it is, and the trace and request it belongs to."""
+    headers = {"conveyor_task": job.task, "conveyor_tenant": job.tenant}
+    # Inside the publish span: the run becomes its child. Else the job's own trace.
+    traceparent = tracing.current_traceparent() if tracing.enabled() else None
+    traceparent = traceparent or job.traceparent
+    if traceparent:
+        headers["traceparent"] = traceparent
+    if job.request_id:
+        headers["conveyor_request_id"] = job.request_id
+    return headers
+
+
+class RunMessages:
+    """Publishes `conveyor.run` messages on a kombu producer, one per job."""
+
+    def __init__(self, app: Celery) -> None:
+        self._origin = anon_nodename()
+        self._ignore_result = bool(app.conf.task_ignore_result)
+        self._queues = app.amqp.queues
+
+    def declare(self, producer: Producer, queue: str) -> None:
+        """Make sure the queue exists (once per connection: kombu remembers)."""
+        entity = self._queues.get(queue)
+        if entity is not None:
+            producer.maybe_declare(entity)
+
+    def publish(self, producer: Producer, job: Job, countdown: float | None = None) -> None:
+        """Write the job's message; with a countdown, the worker holds it until then."""
+        task_id = str(uuid.uuid4())
+        job_id = str(job.id)
+        eta = None
+        if countdown:
+            eta = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=countdown)).isoformat()
+        headers: dict[str, Any] = {
+            "lang": "py",
+            "task": RUN_TASK,
+            "id": task_id,
+            "shadow": None,
+            "eta": eta,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [job.timeout_seconds + HARD_LIMIT_GRACE_SECONDS, job.timeout_seconds],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr([job_id]),
+            "kwargsrepr": "{}",
+            "origin": self._origin,
+            "ignore_result": self._ignore_result,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        }
+        headers.update(message_headers(job))
+        producer.publish(
+            ([job_id], {}, _EMBED),
+            exchange="",
+            routing_key=job.queue,
+            serializer="json",
+            headers=headers,
+            correlation_id=task_id,
+            reply_to="",
+            delivery_mode=_PERSISTENT,
+            retry=False,
+        )
