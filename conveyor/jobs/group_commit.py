@@ -7,10 +7,12 @@ RabbitMQ's confirms), and answers each request. Nothing waits on purpose: under 
 jobs that arrive during one commit form the next batch, and an idle API records a lone
 job at once.
 
-The marks of publication do not cost a transaction each: they ride in the next batch's
-transaction, or, when no batch follows within `mark_delay`, go in one UPDATE of their
-own. A mark lost in a crash only makes the relay publish the job again; the extra
-delivery is dropped at claim.
+On PostgreSQL a batch is one statement (the rows and their events in one CTE) run in
+autocommit: one round trip that returns once the commit is on disk, with no BEGIN or
+COMMIT of its own. The marks of publication do not cost a transaction each: those
+gathered over `mark_delay` go in one UPDATE whose commit does not wait for the disk. A
+mark lost in a crash only makes the relay publish the job again; the extra delivery is
+dropped at claim.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import store
@@ -85,6 +88,7 @@ class GroupCommitter:
         mark_delay: float = MARK_DELAY,
     ) -> None:
         self._sessions = sessions
+        self._record_sessions = _autocommit_where_one_statement(sessions)
         self._publisher = publisher
         self._max_batch = max_batch
         self._mark_delay = mark_delay
@@ -150,7 +154,7 @@ class GroupCommitter:
             self._thread.start()
 
     def _next(self) -> list[_Waiting] | None:
-        """The next batch (possibly empty, when marks are due); None when closed and done."""
+        """The next batch (empty when only marks are due); None when closed and done."""
         with self._wake:
             while not self._waiting:
                 if self._closing:
@@ -173,15 +177,11 @@ class GroupCommitter:
                 return
             if batch:
                 self._record(batch)
-            else:
+            if self._marks and time.monotonic() - self._marks_since >= self._mark_delay:
                 self._write_marks()
 
-    def _take_marks(self) -> list[uuid.UUID]:
-        marks, self._marks = self._marks, []
-        return marks
-
     def _write_marks(self) -> None:
-        marks = self._take_marks()
+        marks, self._marks = self._marks, []
         if not marks:
             return
         try:
@@ -191,27 +191,18 @@ class GroupCommitter:
             log.warning("could not mark jobs published: %s", error)
 
     def _record(self, batch: list[_Waiting]) -> None:
-        marks = self._take_marks()
         try:
-            with self._sessions.begin() as session:
+            with self._record_sessions.begin() as session:
                 jobs = store.create_jobs(session, [w.new for w in batch])
-                if marks:
-                    # Within this durable commit the marks cost one statement, no commit.
-                    store.mark_published(session, marks, wait_for_disk=True)
-        except (IntegrityError, DBAPIError) as error:
-            if marks:
-                self._marks = marks + self._marks
-            if len(batch) > 1 and _row_error(error):
+        except (IntegrityError, DataError) as error:
+            if len(batch) > 1:
                 # One job's values must not fail the others: record them one by one.
                 for waiting in batch:
                     self._record([waiting])
                 return
-            for waiting in batch:
-                waiting.settle(error)
+            batch[0].settle(error)
             return
         except BaseException as error:
-            if marks:
-                self._marks = marks + self._marks
             for waiting in batch:
                 waiting.settle(error)
             if not isinstance(error, Exception):
@@ -238,6 +229,10 @@ class GroupCommitter:
             return {i for i in sent if isinstance(i, uuid.UUID)}
 
 
-def _row_error(error: Exception) -> bool:
-    """Whether an error is about the values of some row (not the database being away)."""
-    return isinstance(error, IntegrityError | DataError)
+def _autocommit_where_one_statement(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for recording: autocommit where a batch is one statement (PostgreSQL)."""
+    bind = sessions.kw.get("bind")
+    if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
+        autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
+        return sessionmaker(**{**sessions.kw, "bind": autocommit})
+    return sessions
