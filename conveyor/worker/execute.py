@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import random
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import psycopg
 from pydantic import ValidationError
-from sqlalchemy import update
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.config import TaskLimits
@@ -25,13 +20,29 @@ from conveyor.jobs.db import db_now
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
-from conveyor.jobs.tables import jobs as jobs_table
-from conveyor.observability import logs, metrics, tracing
+from conveyor.observability import logs, metrics
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
 from conveyor.worker.completer import Completer, Success
+from conveyor.worker.context import (
+    TRANSIENT_DB_ERRORS,
+    Outcome,
+    RunContext,
+    describe_error,
+    job_context,
+)
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
 from conveyor.worker.limiter import Limiter, limit_key
+
+__all__ = [
+    "TRANSIENT_DB_ERRORS",
+    "Executor",
+    "Outcome",
+    "RunContext",
+    "describe_error",
+    "job_context",
+    "observe_start",
+]
 
 log = logs.get(__name__)
 
@@ -46,79 +57,8 @@ class _Slot:
     wait: float
 
 
-@dataclass
-class RunContext:
-    """The TaskContext handed to handlers: job identity, cancellation, progress."""
-
-    job: Job
-    sessions: sessionmaker[Session]
-    lost: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def job_id(self) -> str:
-        """The job id, as a string."""
-        return str(self.job.id)
-
-    @property
-    def attempt(self) -> int:
-        """This attempt's number, from 1."""
-        return self.job.attempts
-
-    def cancelled(self) -> bool:
-        """Whether the job was taken from this run (cancelled, or rescued elsewhere)."""
-        return self.lost.is_set()
-
-    def set_progress(self, progress: Any) -> None:
-        """Store progress on the job row while this attempt holds it."""
-        with self.sessions.begin() as session:
-            session.execute(
-                update(jobs_table)
-                .where(
-                    jobs_table.c.id == self.job.id,
-                    jobs_table.c.state == JobState.RUNNING.value,
-                    jobs_table.c.lease_token == self.job.lease_token,
-                )
-                .values(progress=progress)
-            )
-
-
-def describe_error(error: BaseException) -> JobError:
-    """Type, message, traceback and a fingerprint that groups errors of one kind and place."""
-    kind = f"{type(error).__module__}.{type(error).__qualname__}".removeprefix("builtins.")
-    frames = traceback.extract_tb(error.__traceback__)
-    where = "|".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[-3:])
-    fingerprint = hashlib.sha256(f"{kind}|{where}".encode()).hexdigest()[:16]
-    text = "".join(traceback.format_exception(error))
-    return JobError(kind, str(error)[:4000], text[-16000:], fingerprint)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one delivery, for logs, metrics and tests."""
-
-    job_id: uuid.UUID
-    action: str  # ran-succeeded | ran-retrying | ran-dead | ran-lost | dropped | deferred
-    state: JobState | None
-    retry_in: float | None = None
-
-
 Reschedule = Callable[[Job], None]
 _T = TypeVar("_T")
-# Errors of a database that is briefly away (restart, failover, dropped connection).
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError)
-
-
-def job_context(job: Job) -> dict[str, Any]:
-    """The fields every log line about `job` carries."""
-    return {
-        "job_id": str(job.id),
-        "task": job.task,
-        "attempt": job.attempts,
-        "tenant": job.tenant,
-        "queue": job.queue,
-        "trace_id": tracing.trace_id_of() or tracing.trace_id_in(job.traceparent),
-        "request_id": job.request_id,
-    }
 
 
 def observe_start(job: Job) -> None:
