@@ -1,124 +1,55 @@
-"""The execution path around every job: claim, run the handler, record the outcome."""
+"""The execution path around every job: claim, run the handler, record the outcome.
+
+The claim is one statement on the fast path for task types without limits, and goes
+through `claiming` for the rest; successes are handed to the process's completer.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import random
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import psycopg
 from pydantic import ValidationError
-from sqlalchemy import update
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.config import TaskLimits
 from conveyor.jobs import store
-from conveyor.jobs.db import db_now
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
-from conveyor.jobs.tables import jobs as jobs_table
-from conveyor.observability import logs, metrics, tracing
+from conveyor.observability import logs, metrics
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
+from conveyor.worker.claiming import Claim, Claimer, ClaimKind
 from conveyor.worker.completer import Completer, Success
+from conveyor.worker.context import (
+    TRANSIENT_DB_ERRORS,
+    Outcome,
+    RunContext,
+    describe_error,
+    job_context,
+)
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
-from conveyor.worker.limiter import Limiter, limit_key
+from conveyor.worker.limiter import Limiter
+
+__all__ = [
+    "TRANSIENT_DB_ERRORS",
+    "Executor",
+    "Outcome",
+    "Reschedule",
+    "RunContext",
+    "describe_error",
+    "job_context",
+    "observe_start",
+]
 
 log = logs.get(__name__)
 
-# A reserved slot this close is taken as now: waiting for less is not worth it.
-SLOT_SLACK = dt.timedelta(milliseconds=2)
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """A rate-limit slot this delivery holds: it claims the job after `wait` seconds."""
-
-    wait: float
-
-
-@dataclass
-class RunContext:
-    """The TaskContext handed to handlers: job identity, cancellation, progress."""
-
-    job: Job
-    sessions: sessionmaker[Session]
-    lost: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def job_id(self) -> str:
-        """The job id, as a string."""
-        return str(self.job.id)
-
-    @property
-    def attempt(self) -> int:
-        """This attempt's number, from 1."""
-        return self.job.attempts
-
-    def cancelled(self) -> bool:
-        """Whether the job was taken from this run (cancelled, or rescued elsewhere)."""
-        return self.lost.is_set()
-
-    def set_progress(self, progress: Any) -> None:
-        """Store progress on the job row while this attempt holds it."""
-        with self.sessions.begin() as session:
-            session.execute(
-                update(jobs_table)
-                .where(
-                    jobs_table.c.id == self.job.id,
-                    jobs_table.c.state == JobState.RUNNING.value,
-                    jobs_table.c.lease_token == self.job.lease_token,
-                )
-                .values(progress=progress)
-            )
-
-
-def describe_error(error: BaseException) -> JobError:
-    """Type, message, traceback and a fingerprint that groups errors of one kind and place."""
-    kind = f"{type(error).__module__}.{type(error).__qualname__}".removeprefix("builtins.")
-    frames = traceback.extract_tb(error.__traceback__)
-    where = "|".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[-3:])
-    fingerprint = hashlib.sha256(f"{kind}|{where}".encode()).hexdigest()[:16]
-    text = "".join(traceback.format_exception(error))
-    return JobError(kind, str(error)[:4000], text[-16000:], fingerprint)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one delivery, for logs, metrics and tests."""
-
-    job_id: uuid.UUID
-    action: str  # ran-succeeded | ran-retrying | ran-dead | ran-lost | dropped | deferred
-    state: JobState | None
-    retry_in: float | None = None
-
-
 Reschedule = Callable[[Job], None]
 _T = TypeVar("_T")
-# Errors of a database that is briefly away (restart, failover, dropped connection).
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError)
-
-
-def job_context(job: Job) -> dict[str, Any]:
-    """The fields every log line about `job` carries."""
-    return {
-        "job_id": str(job.id),
-        "task": job.task,
-        "attempt": job.attempts,
-        "tenant": job.tenant,
-        "queue": job.queue,
-        "trace_id": tracing.trace_id_of() or tracing.trace_id_in(job.traceparent),
-        "request_id": job.request_id,
-    }
 
 
 def observe_start(job: Job) -> None:
@@ -153,11 +84,14 @@ class Executor:
         self._lease_seconds = lease_seconds
         self._reschedule = reschedule
         self.leases = leases
-        self._limits = limits or {}
-        self._limited = sorted(self._limits)
+        self._limited = sorted(limits or {})
         self._fast_path = fast_path
-        self._limiter = limiter
-        self._rate_horizon = rate_horizon
+        self._claimer = Claimer(
+            lease_seconds=lease_seconds,
+            limits=limits or {},
+            limiter=limiter,
+            rate_horizon=rate_horizon,
+        )
         self.completer: Completer | None = None
         if batch_successes and fast_path is not None:
             self.completer = Completer(
@@ -175,21 +109,26 @@ class Executor:
     def _run(self, job_id: uuid.UUID) -> Outcome:
         sessions = self._sessions()
         worker = self._worker()
-        job: Job | Outcome | None = None
+        claim = self._claim(sessions, job_id, worker)
+        if claim.kind is not ClaimKind.CLAIMED:
+            outcome = claim.outcome()
+            log.debug("delivery not run: %s", outcome.action)
+            return outcome
+        job = claim.job
+        with logs.bound(**job_context(job)):
+            return self._attempt(sessions, job, worker)
+
+    def _claim(self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str) -> Claim:
+        """Claim on the fast path when it can; flow control needs a transaction around it."""
         if self._fast_path is not None:
-            # Task types with limits are left to the transaction below; the rest keep the
+            # Task types with limits are left to the claimer; the rest keep the
             # one-statement claim whatever CONVEYOR_LIMITS holds for others.
             job = self._fast_path.claim(
                 job_id, worker=worker, lease_seconds=self._lease_seconds, limited=self._limited
             )
-        if job is None:
-            # Flow control needs a transaction around its checks and the claim.
-            job = self._claim(sessions, job_id, worker)
-        if isinstance(job, Outcome):
-            log.debug("delivery not run: %s", job.action)
-            return job
-        with logs.bound(**job_context(job)):
-            return self._attempt(sessions, job, worker)
+            if job is not None:
+                return Claim.claimed(job)
+        return self._claimer.claim(sessions, job_id, worker)
 
     def _attempt(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
         started = time.perf_counter()
@@ -274,121 +213,6 @@ class Executor:
                 # A retry was waiting for this run to stop: it goes ahead now.
                 self._reschedule(after)
         return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
-
-    def _claim(
-        self,
-        sessions: sessionmaker[Session],
-        job_id: uuid.UUID,
-        worker: str,
-    ) -> Job | Outcome:
-        # A rate-limit slot is waited for outside any transaction (no lock is held while
-        # waiting); the claim that follows does not reserve again.
-        with sessions.begin() as session:
-            taken = self._claim_in(session, job_id, worker, holds_slot=False)
-        if not isinstance(taken, _Slot):
-            return taken
-        if taken.wait > 0:
-            time.sleep(taken.wait)
-        with sessions.begin() as session:
-            claimed = self._claim_in(session, job_id, worker, holds_slot=True)
-        assert not isinstance(claimed, _Slot)
-        return claimed
-
-    def _claim_in(
-        self, session: Session, job_id: uuid.UUID, worker: str, *, holds_slot: bool
-    ) -> Job | Outcome | _Slot:
-        taken = self._take(session, job_id, worker, holds_slot)
-        if taken is not None:
-            return taken
-        current = store.get_job(session, job_id)
-        if current is None:
-            return Outcome(job_id, "dropped", None)
-        waiting = current.state in (JobState.SCHEDULED, JobState.RETRYING)
-        # Whether the lease has expired is the database's to say, not this host's clock.
-        rescued = store.rescue(session, job_id) if current.state == JobState.RUNNING else None
-        if rescued is not None and rescued.state == JobState.DEAD:
-            metrics.count_finished(rescued, JobState.DEAD.value)
-        if rescued is not None or (waiting and store.promote(session, job_id) is not None):
-            # Its last worker is gone, or its time has come: this delivery takes it.
-            taken = self._take(session, job_id, worker, holds_slot)
-            if taken is not None:
-                return taken
-            current = store.get_job(session, job_id)
-            if current is None:
-                return Outcome(job_id, "dropped", None)
-        if current.state == JobState.QUEUED and current.attempts >= current.max_attempts:
-            # A message that keeps killing its worker ends here, counted in the store.
-            return self._exhausted(session, current, worker)
-        # Running elsewhere (or in another thread of this process), finished, or waiting:
-        # this delivery is a duplicate and must not run.
-        store.record_dropped_delivery(
-            session, current, worker=worker, reason=f"job is {current.state.value}"
-        )
-        return Outcome(job_id, "dropped", current.state)
-
-    def _take(
-        self, session: Session, job_id: uuid.UUID, worker: str, holds_slot: bool
-    ) -> Job | Outcome | _Slot | None:
-        """Claim a queued job through its limits: the claimed job, a wait, or None."""
-        limit_key = None
-        if self._limits:
-            gate = self._gate(session, job_id, holds_slot)
-            if isinstance(gate, Job):
-                # Over a limit: the job waits in the store and is published when due.
-                return Outcome(job_id, "deferred", JobState.SCHEDULED)
-            if isinstance(gate, _Slot):
-                return gate
-            limit_key = gate
-        job = store.claim(
-            session, job_id, worker=worker, lease_seconds=self._lease_seconds, limit_key=limit_key
-        )
-        return job
-
-    def _gate(
-        self, session: Session, job_id: uuid.UUID, holds_slot: bool
-    ) -> Job | _Slot | str | None:
-        """Apply the job's limits: its limit key, a slot to wait for, or the job deferred."""
-        current = store.get_job(session, job_id)
-        if current is None or current.state != JobState.QUEUED:
-            return None
-        spec = self._limits.get(current.task)
-        if spec is None:
-            return None
-        key = limit_key(spec, current.payload, current.tags)
-        now = db_now(session)
-        if spec.concurrency and key is not None:
-            store.lock_limit_key(session, f"{current.task}|{key}")
-            if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:
-                wait = dt.timedelta(seconds=random.uniform(0.3, 0.8))
-                metrics.JOBS_DEFERRED.labels(current.task, "concurrency").inc()
-                return store.defer(session, job_id, run_after=now + wait, reason="concurrency")
-        if holds_slot or self._limiter is None or not (spec.rate or spec.key_rate):
-            return key
-        pause = 0.0
-        names = []
-        if spec.rate:
-            names.append((current.task, 1 / spec.rate))
-        if spec.key_rate and key is not None:
-            names.append((f"{current.task}|{key}", 1 / spec.key_rate))
-        for name, interval in names:
-            answer = self._limiter.reserve(session, name, interval, self._rate_horizon)
-            if not answer.taken:
-                # Every slot that near is taken: come back when the limit has room.
-                metrics.JOBS_DEFERRED.labels(current.task, "rate").inc()
-                return store.defer(
-                    session, job_id, run_after=answer.at, slot_at=answer.at, reason="rate"
-                )
-            pause = max(pause, answer.wait_seconds)
-        return _Slot(pause) if pause > SLOT_SLACK.total_seconds() else key
-
-    @staticmethod
-    def _exhausted(session: Session, job: Job, worker: str) -> Outcome:
-        error = JobError("AttemptsExhausted", "delivered with no attempts left", None, None)
-        if store.exhaust(session, job.id, worker=worker, error=error) is not None:
-            metrics.count_finished(job, JobState.DEAD.value)
-            with logs.bound(**job_context(job)):
-                log.warning("job dead: delivered with no attempts left")
-        return Outcome(job.id, "ran-dead", JobState.DEAD)
 
     def _failed(
         self,
