@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,17 @@ def db_now(session: Session) -> dt.datetime:
     inside this process, so its clock and the host's are the same one.
     """
     return driver_for(session).now(session)
+
+
+@functools.lru_cache(maxsize=32)
+def recording_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for recording new jobs: autocommit where a batch is one statement.
+
+    On PostgreSQL the rows and their events are one statement, a transaction by itself;
+    elsewhere (SQLite: two statements) the given sessions, with their transactions.
+    """
+    bind = sessions.kw.get("bind")
+    if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
+        autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
+        return sessionmaker(**{**sessions.kw, "bind": autocommit})
+    return sessions

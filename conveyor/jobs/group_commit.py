@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import store
+from conveyor.jobs.db import recording_sessions
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.outbox import Publisher
 from conveyor.observability import logs
@@ -88,7 +88,7 @@ class GroupCommitter:
         mark_delay: float = MARK_DELAY,
     ) -> None:
         self._sessions = sessions
-        self._record_sessions = _autocommit_where_one_statement(sessions)
+        self._record_sessions = recording_sessions(sessions)
         self._publisher = publisher
         self._max_batch = max_batch
         self._mark_delay = mark_delay
@@ -227,12 +227,3 @@ class GroupCommitter:
             log.warning("publish failed, the relay will retry: %s", error)
             sent: Any = getattr(error, "published", ())
             return {i for i in sent if isinstance(i, uuid.UUID)}
-
-
-def _autocommit_where_one_statement(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
-    """Sessions for recording: autocommit where a batch is one statement (PostgreSQL)."""
-    bind = sessions.kw.get("bind")
-    if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
-        autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
-        return sessionmaker(**{**sessions.kw, "bind": autocommit})
-    return sessions

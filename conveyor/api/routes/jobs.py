@@ -30,6 +30,7 @@ from conveyor.api.schemas import (
 )
 from conveyor.api.state import ApiState
 from conveyor.jobs import outbox, store
+from conveyor.jobs.db import recording_sessions
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
 from conveyor.observability import logs, metrics
@@ -179,7 +180,8 @@ def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response
         _build(item, key.tenant, None, ("body", "jobs", index))
         for index, item in enumerate(body.jobs)
     ]
-    with state.sessions.begin() as session:
+    # On PostgreSQL the rows and their events are one statement, in autocommit.
+    with recording_sessions(state.sessions).begin() as session:
         jobs = store.create_jobs(session, new_jobs)
     metrics.count_submitted(jobs)
     log.info("jobs submitted", count=len(jobs))
