@@ -256,8 +256,8 @@ def temporary_pg_database(admin_url: str) -> Iterator[str]:
 # --------------------------------------------------------------------------- (a) bare Celery
 
 
-def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
-    """Enqueue N no-op messages with one producer, then drain them with one worker process."""
+def send_bare_jobs(opts: Options) -> float:
+    """Send N no-op messages to the queue with one reused producer; the seconds it took."""
     app = bare_app.make_app(opts.broker, opts.prefetch)
     try:
         deadline = time.monotonic() + opts.enqueue_timeout
@@ -273,12 +273,14 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
                 )
                 if i % 1000 == 0 and time.monotonic() > deadline:
                     raise BenchError(f"bare enqueue took over {opts.enqueue_timeout:.0f}s")
-        enqueue_seconds = time.perf_counter() - started
+        return time.perf_counter() - started
     finally:
         app.close()
-    check_queue_length(client, opts.jobs)
 
-    argv = [
+
+def bare_worker_argv(opts: Options) -> list[str]:
+    """The command line of the bare Celery worker."""
+    return [
         sys.executable,
         "-m",
         "celery",
@@ -298,7 +300,19 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
         "--without-mingle",
         "--without-gossip",
     ]
-    env = worker_env({"BENCH_BROKER_URL": opts.broker, "BENCH_PREFETCH": str(opts.prefetch)})
+
+
+def bare_worker_env(opts: Options) -> dict[str, str]:
+    """The environment of the bare Celery worker."""
+    return worker_env({"BENCH_BROKER_URL": opts.broker, "BENCH_PREFETCH": str(opts.prefetch)})
+
+
+def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
+    """Enqueue N no-op messages with one producer, then drain them with one worker process."""
+    enqueue_seconds = send_bare_jobs(opts)
+    check_queue_length(client, opts.jobs)
+    argv = bare_worker_argv(opts)
+    env = bare_worker_env(opts)
 
     def done() -> int:
         return int(client.get(bare_app.DONE_KEY) or 0)
@@ -341,13 +355,7 @@ def run_bare(opts: Options, client: redis.Redis, logs: Path) -> Result:
 def run_conveyor(opts: Options, logs: Path) -> Result:
     """Record and publish N demo.echo jobs, then drain them with one `conveyor worker`."""
     with temporary_pg_database(opts.pg_admin_url) as database_url:
-        settings = Settings(
-            database_url=database_url,
-            broker_url=opts.broker,
-            prefetch_multiplier=opts.prefetch,
-            worker_pool_class=opts.pool,
-            log_level=opts.loglevel,
-        )
+        settings = conveyor_settings(opts, database_url)
         run_migrations(settings)
         platform = build_platform(settings)
         try:
@@ -357,9 +365,23 @@ def run_conveyor(opts: Options, logs: Path) -> Result:
             platform.store.dispose()
 
 
-def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs: Path) -> Result:
+def conveyor_settings(opts: Options, database_url: str) -> Settings:
+    """The settings of the Conveyor side, on `database_url`."""
+    return Settings(
+        database_url=database_url,
+        broker_url=opts.broker,
+        prefetch_multiplier=opts.prefetch,
+        worker_pool_class=opts.pool,
+        log_level=opts.loglevel,
+    )
+
+
+def submit_conveyor_jobs(opts: Options, platform: Platform) -> float:
+    """Record and publish N demo.echo jobs through the outbox; the seconds it took.
+
+    Raises unless every job was published.
+    """
     sessions = platform.sessions
-    publisher = platform.publisher
     deadline = time.monotonic() + opts.enqueue_timeout
     started = time.perf_counter()
     for offset in range(0, opts.jobs, opts.batch):
@@ -368,25 +390,24 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
             build_new_job(registry, tenant="bench", task="demo.echo", payload={})
             for _ in range(size)
         ]
-        outbox.submit(sessions, publisher, batch)
+        outbox.submit(sessions, platform.publisher, batch)
         if time.monotonic() > deadline:
             raise BenchError(f"Conveyor enqueue took over {opts.enqueue_timeout:.0f}s")
     enqueue_seconds = time.perf_counter() - started
-
-    def scalar(sql: str) -> int:
-        with sessions() as session:
-            return int(session.execute(text(sql)).scalar_one())
-
-    unpublished = scalar("SELECT count(*) FROM jobs WHERE published_at IS NULL")
+    with sessions() as session:
+        unpublished = int(
+            session.execute(
+                text("SELECT count(*) FROM jobs WHERE published_at IS NULL")
+            ).scalar_one()
+        )
     if unpublished:
         raise BenchError(f"{unpublished} jobs were recorded but not published (see warnings)")
-    client = redis.Redis.from_url(opts.broker, socket_timeout=10)
-    try:
-        check_queue_length(client, opts.jobs)
-    finally:
-        client.close()
+    return enqueue_seconds
 
-    argv = [
+
+def conveyor_worker_argv(opts: Options) -> list[str]:
+    """The command line of the Conveyor worker: `conveyor worker --pool default`."""
+    return [
         sys.executable,
         "-m",
         "conveyor",
@@ -396,7 +417,11 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
         "--concurrency",
         str(opts.concurrency),
     ]
-    env = worker_env(
+
+
+def conveyor_worker_env(opts: Options, settings: Settings) -> dict[str, str]:
+    """The environment of the Conveyor worker: the same broker, prefetch, pool and level."""
+    return worker_env(
         {
             "CONVEYOR_DATABASE_URL": settings.database_url,
             "CONVEYOR_BROKER_URL": opts.broker,
@@ -405,6 +430,24 @@ def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs:
             "CONVEYOR_LOG_LEVEL": opts.loglevel,
         }
     )
+
+
+def _conveyor_phase(opts: Options, settings: Settings, platform: Platform, logs: Path) -> Result:
+    sessions = platform.sessions
+    enqueue_seconds = submit_conveyor_jobs(opts, platform)
+
+    def scalar(sql: str) -> int:
+        with sessions() as session:
+            return int(session.execute(text(sql)).scalar_one())
+
+    client = redis.Redis.from_url(opts.broker, socket_timeout=10)
+    try:
+        check_queue_length(client, opts.jobs)
+    finally:
+        client.close()
+
+    argv = conveyor_worker_argv(opts)
+    env = conveyor_worker_env(opts, settings)
     succeeded_sql = "SELECT count(*) FROM jobs WHERE state = 'succeeded'"
     failed_sql = "SELECT count(*) FROM jobs WHERE state IN ('retrying', 'dead', 'cancelled')"
 
