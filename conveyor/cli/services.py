@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-import uvicorn
-
-from conveyor.api.app import create_app
 from conveyor.cli.errors import CommandError, fail
 from conveyor.cli.wiring import build_platform, run_migrations
 from conveyor.config import RUN_TASK, Settings
@@ -19,6 +16,11 @@ log = logs.get(__name__)
 
 def api(settings: Settings) -> None:
     """Serve the HTTP API."""
+    # Here and not at the top: a worker, which imports this module too, serves no HTTP.
+    import uvicorn
+
+    from conveyor.api.app import create_app
+
     platform = build_platform(settings, pool_size=20)
     tracing.setup(settings.otlp_endpoint, "conveyor-api")
     uvicorn.run(
