@@ -163,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from conveyor.observability import multiproc
 
         multiproc.enable()
+    if not settings.otlp_endpoint:
+        # Before anything imports redis-py, which would load the SDK for nothing.
+        from conveyor.observability import sdk_guard
+
+        sdk_guard.import_redis_without_sdk()
     from sqlalchemy.exc import SQLAlchemyError
 
     from conveyor.cli.wiring import setup_logging
