@@ -9,7 +9,7 @@ from conveyor.cli.errors import CommandError, fail
 from conveyor.cli.wiring import build_platform, run_migrations
 from conveyor.config import RUN_TASK, Settings
 from conveyor.observability import logs, metrics, tracing
-from conveyor.worker import timecap
+from conveyor.worker import prefork, timecap
 
 log = logs.get(__name__)
 
@@ -78,6 +78,8 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
     serve_metrics(settings)
     for queue in queues:
         metrics.WORKER_CONSUMING.labels(queue).set(1)
+    if settings.worker_pool_class == "prefork":
+        prefork.freeze_heap_before_fork()
     platform.celery.worker_main(argv)
 
 
