@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 # Only light modules here: Celery, SQLAlchemy and the API load once there is work to do,
 # so `--help` and a bad argument answer quickly.
 from conveyor.cli.errors import CommandError, fail, settings_or_exit
-from conveyor.config import POOLS
+from conveyor.config import POOLS, Settings
 from conveyor.jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -163,77 +163,107 @@ def main(argv: Sequence[str] | None = None) -> None:
         from conveyor.observability import multiproc
 
         multiproc.enable()
+    if not settings.otlp_endpoint:
+        # Before anything imports redis-py, which would load the SDK for nothing.
+        from conveyor.observability import sdk_guard
+
+        sdk_guard.import_redis_without_sdk()
     from sqlalchemy.exc import SQLAlchemyError
 
-    from conveyor.cli import commands, services, up
     from conveyor.cli.wiring import setup_logging
-    from conveyor.jobs.keys import SCOPES
 
     setup_logging(settings, service=f"conveyor-{args.command}")
 
     try:
-        match args.command:
-            case "up":
-                up.up(settings)
-            case "api":
-                services.api(settings)
-            case "worker":
-                queues = args.queues or [args.pool or "default"]
-                services.worker(settings, queues, args.concurrency)
-            case "beat":
-                services.beat(settings)
-            case "flower":
-                services.flower(settings)
-            case "migrate":
-                services.migrate(settings)
-            case "keys":
-                match args.keys_command:
-                    case "create":
-                        commands.keys_create(settings, args.tenant, args.scopes or list(SCOPES))
-                    case "list":
-                        commands.keys_list(settings, args.tenant)
-                    case "revoke":
-                        commands.keys_revoke(settings, args.id)
-            case "submit" if args.file:
-                commands.submit_file(
-                    settings,
-                    task=args.task,
-                    path=args.file,
-                    priority=args.priority,
-                    tenant=args.tenant,
-                )
-            case "submit":
-                sys.exit(
-                    commands.submit(
-                        settings,
-                        task=args.task,
-                        payload_text=args.payload,
-                        priority=args.priority,
-                        tenant=args.tenant,
-                        wait=args.wait,
-                        wait_timeout=args.timeout,
-                    )
-                )
-            case "jobs":
-                match args.jobs_command:
-                    case "show":
-                        commands.jobs_show(settings, args.id)
-                    case "list":
-                        commands.jobs_list(settings, args.state, args.limit)
-                    case "cancel":
-                        commands.jobs_cancel(settings, args.id)
-                    case "retry":
-                        commands.jobs_retry(settings, args.id)
-            case "schedules":
-                commands.schedules_command(settings, args)
-            case "dlq":
-                if args.dlq_command == "list":
-                    commands.dlq_list(settings, args.limit)
-                else:
-                    commands.dlq_replay(settings, args.ids, args.task)
+        if args.command in SERVICES:
+            run_service(settings, args)
+        else:
+            run_command(settings, args)
     except CommandError as error:
         fail(str(error), code=1)
     except SQLAlchemyError as error:
         fail(database_problem(error), code=1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+SERVICES = ("up", "api", "worker", "beat", "flower", "migrate")
+
+
+def run_service(settings: Settings, args: argparse.Namespace) -> None:
+    """Run a long-running service, loading only what that service uses.
+
+    A worker and its pool children fork from this process, so whatever it imports they
+    all hold: the API stack is loaded by `api` and `up` alone.
+    """
+    from conveyor.cli import services
+
+    match args.command:
+        case "up":
+            from conveyor.cli import up
+
+            up.up(settings)
+        case "api":
+            services.api(settings)
+        case "worker":
+            queues = args.queues or [args.pool or "default"]
+            services.worker(settings, queues, args.concurrency)
+        case "beat":
+            services.beat(settings)
+        case "flower":
+            services.flower(settings)
+        case "migrate":
+            services.migrate(settings)
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> None:
+    """Run a one-shot command over the job store."""
+    from conveyor.cli import commands
+    from conveyor.jobs.keys import SCOPES
+
+    match args.command:
+        case "keys":
+            match args.keys_command:
+                case "create":
+                    commands.keys_create(settings, args.tenant, args.scopes or list(SCOPES))
+                case "list":
+                    commands.keys_list(settings, args.tenant)
+                case "revoke":
+                    commands.keys_revoke(settings, args.id)
+        case "submit" if args.file:
+            commands.submit_file(
+                settings,
+                task=args.task,
+                path=args.file,
+                priority=args.priority,
+                tenant=args.tenant,
+            )
+        case "submit":
+            sys.exit(
+                commands.submit(
+                    settings,
+                    task=args.task,
+                    payload_text=args.payload,
+                    priority=args.priority,
+                    tenant=args.tenant,
+                    wait=args.wait,
+                    wait_timeout=args.timeout,
+                )
+            )
+        case "jobs":
+            match args.jobs_command:
+                case "show":
+                    commands.jobs_show(settings, args.id)
+                case "list":
+                    commands.jobs_list(settings, args.state, args.limit)
+                case "cancel":
+                    commands.jobs_cancel(settings, args.id)
+                case "retry":
+                    commands.jobs_retry(settings, args.id)
+        case "schedules":
+            commands.schedules_command(settings, args)
+        case "dlq":
+            if args.dlq_command == "list":
+                commands.dlq_list(settings, args.limit)
+            else:
+                commands.dlq_replay(settings, args.ids, args.task)

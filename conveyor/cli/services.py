@@ -5,20 +5,22 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-import uvicorn
-
-from conveyor.api.app import create_app
 from conveyor.cli.errors import CommandError, fail
 from conveyor.cli.wiring import build_platform, run_migrations
 from conveyor.config import RUN_TASK, Settings
 from conveyor.observability import logs, metrics, tracing
-from conveyor.worker import timecap
+from conveyor.worker import prefork, timecap
 
 log = logs.get(__name__)
 
 
 def api(settings: Settings) -> None:
     """Serve the HTTP API."""
+    # Here and not at the top: a worker, which imports this module too, serves no HTTP.
+    import uvicorn
+
+    from conveyor.api.app import create_app
+
     platform = build_platform(settings, pool_size=20)
     tracing.setup(settings.otlp_endpoint, "conveyor-api")
     uvicorn.run(
@@ -76,6 +78,8 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
     serve_metrics(settings)
     for queue in queues:
         metrics.WORKER_CONSUMING.labels(queue).set(1)
+    if settings.worker_pool_class == "prefork":
+        prefork.freeze_heap_before_fork()
     platform.celery.worker_main(argv)
 
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.api.state import ApiState
 from conveyor.cli.errors import CommandError
 from conveyor.config import Settings
-from conveyor.jobs import migrate
 from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import bounded_connection, queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
+
+if TYPE_CHECKING:
+    from conveyor.api.state import ApiState
 
 
 def setup_logging(settings: Settings, service: str = "conveyor") -> None:
@@ -59,6 +61,9 @@ class Platform:
 
     def api_state(self) -> ApiState:
         """What the API needs from this process."""
+        # Imported here: workers and beat build a Platform too, and never serve the API.
+        from conveyor.api.state import ApiState
+
         return ApiState(
             settings=self.settings,
             sessions=self.sessions,
@@ -81,6 +86,9 @@ def engine_for(settings: Settings) -> Engine:
 
 def run_migrations(settings: Settings) -> None:
     """Bring the configured database to the latest schema."""
+    # Alembic is loaded by the commands that migrate, not by every process that wires up.
+    from conveyor.jobs import migrate
+
     engine = engine_for(settings)
     try:
         migrate.upgrade(engine)

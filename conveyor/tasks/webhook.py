@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from conveyor.config import get_settings
-from conveyor.tasks.outbound import AddressRefused, GuardedBackend, guarded_client
 from conveyor.tasks.registry import PermanentError, RetryableError, TaskContext, registry
 
 RETRYABLE_STATUSES = frozenset({408, 429})
@@ -34,13 +32,19 @@ class DeliveryRefused(PermanentError):
 @registry.task("webhook.deliver", WebhookPayload, max_attempts=8, timeout_seconds=60.0)
 def deliver(payload: WebhookPayload, ctx: TaskContext) -> Any:
     """POSTs the body as JSON with `Idempotency-Key: <job id>`; 2xx succeeds."""
+    # The HTTP client loads with a process's first delivery: a worker (and each of its pool
+    # children) that delivers no webhook never holds it.
+    import httpx
+
+    from conveyor.tasks import outbound
+
     headers = {**payload.headers, "Idempotency-Key": ctx.job_id}
     # Read per delivery from the worker's settings (validated when the process started).
-    backend = GuardedBackend(get_settings().webhook_allowed_networks)
+    backend = outbound.GuardedBackend(get_settings().webhook_allowed_networks)
     try:
-        with guarded_client(backend, timeout=30.0) as client:
+        with outbound.guarded_client(backend, timeout=30.0) as client:
             response = client.post(str(payload.url), json=payload.body, headers=headers)
-    except AddressRefused as error:
+    except outbound.AddressRefused as error:
         raise DeliveryRefused(str(error)) from error
     except httpx.HTTPError as error:
         raise WebhookFailed(f"{type(error).__name__}: {error}") from error

@@ -326,7 +326,7 @@ def deliver_with(
     def backend(networks: Iterable[IPv4Network | IPv6Network]) -> GuardedBackend:
         return GuardedBackend(networks, resolver=dns, connector=connector)
 
-    monkeypatch.setattr(webhook, "GuardedBackend", backend)
+    monkeypatch.setattr(outbound, "GuardedBackend", backend)
     payload = webhook.WebhookPayload.model_validate({"url": url, "body": {"n": 1}})
     return webhook.deliver(payload, Context())
 
