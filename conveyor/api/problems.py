@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -147,5 +148,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(OperationalError, on_store_down)
     app.add_exception_handler(InterfaceError, on_store_down)
+    # The same, raised by the plain psycopg connection that records single submissions.
+    app.add_exception_handler(psycopg.OperationalError, on_store_down)
+    app.add_exception_handler(psycopg.InterfaceError, on_store_down)
     app.add_exception_handler(DataError, on_unstorable)
+    app.add_exception_handler(psycopg.DataError, on_unstorable)
     app.add_exception_handler(Exception, on_crash)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,16 @@ _STATEMENT = (
     )
     .columns(*jobs.c)
 )
+
+
+# The same statement for a plain psycopg connection (`%(name)s` parameters), for callers
+# that record on a connection of their own, prepared once.
+PSYCOPG_SQL = re.sub(r"(?<!:):(\w+)", r"%(\1)s", _SQL)
+
+
+def psycopg_params(new_jobs: Sequence[NewJob]) -> dict[str, Any]:
+    """PSYCOPG_SQL's parameters: one list per column, the database's clock."""
+    return {**_columns(new_jobs), "now": None}
 
 
 def _columns(new_jobs: Sequence[NewJob]) -> dict[str, list[Any]]:

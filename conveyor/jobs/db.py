@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.jobs.fastpath import FastPath
+from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.store.driver import driver_for
 
 # A pooled connection idle this long is pinged before use.
@@ -114,3 +117,32 @@ def recording_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]
         autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
         return sessionmaker(**{**sessions.kw, "bind": autocommit})
     return sessions
+
+
+class Recorder:
+    """Records new jobs: the rows and their `created` events, durably, in input order.
+
+    On PostgreSQL one prepared statement on an autocommit connection of the calling
+    thread's own (no BEGIN, no COMMIT, no planning per call); elsewhere a transaction of
+    the store's sessions.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        self._fast: FastPath | None = None
+        if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
+            self._fast = FastPath(bind.url.render_as_string(hide_password=False))
+
+    def record(self, new_jobs: Sequence[NewJob]) -> list[Job]:
+        """Record the jobs; raises what the database raised, and then none is recorded."""
+        if self._fast is not None:
+            return self._fast.record(new_jobs)
+        with self._sessions.begin() as session:
+            return driver_for(session).create_jobs(session, new_jobs, now=None)
+
+
+@functools.lru_cache(maxsize=32)
+def recorder_for(sessions: sessionmaker[Session]) -> Recorder:
+    """The recorder of a store's sessions, one per process and sessions."""
+    return Recorder(sessions)

@@ -21,7 +21,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import make_url
 
-from conveyor.jobs.models import Job
+from conveyor.jobs import bulk_insert
+from conveyor.jobs.models import Job, NewJob
 
 # Every time here is the database's (`now()`): a worker's own clock never decides a lease.
 # `now` is given only where a caller fixes the time (tests of the store).
@@ -129,7 +130,9 @@ class FastPath:
             )
             # Plan each execution with its own values: a generic plan made while the table
             # was small can scan every queued job instead of looking the id up.
-            conn.execute("SET plan_cache_mode = force_custom_plan")
+            conn.execute("SET TIME ZONE 'UTC'")
+            if name != "records":
+                conn.execute("SET plan_cache_mode = force_custom_plan")
             if name == "claims":
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
@@ -158,6 +161,19 @@ class FastPath:
         params = claim_params(job_id, worker=worker, lease_seconds=lease_seconds, limited=limited)
         row = self._run("claims", CLAIM_SQL, params)
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
+
+    def record(self, new_jobs: Sequence[NewJob]) -> list[Job]:
+        """Insert new jobs and their events in one durable autocommit statement, in order."""
+        if not new_jobs:
+            return []
+        try:
+            cursor = self._connection("records").execute(
+                bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs), prepare=True
+            )
+            return [Job.from_row(row) for row in cursor.fetchall()]  # type: ignore[arg-type]
+        except psycopg.OperationalError:
+            self._local.records = None
+            raise
 
     def succeed_many(
         self, worker: str, runs: Sequence[tuple[uuid.UUID, int, Any]]

@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import store
-from conveyor.jobs.db import recording_sessions
+from conveyor.jobs.db import recorder_for
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.outbox import Publisher
 from conveyor.observability import logs
@@ -88,7 +89,7 @@ class GroupCommitter:
         mark_delay: float = MARK_DELAY,
     ) -> None:
         self._sessions = sessions
-        self._record_sessions = recording_sessions(sessions)
+        self._recorder = recorder_for(sessions)
         self._publisher = publisher
         self._max_batch = max_batch
         self._mark_delay = mark_delay
@@ -192,9 +193,8 @@ class GroupCommitter:
 
     def _record(self, batch: list[_Waiting]) -> None:
         try:
-            with self._record_sessions.begin() as session:
-                jobs = store.create_jobs(session, [w.new for w in batch])
-        except (IntegrityError, DataError) as error:
+            jobs = self._recorder.record([w.new for w in batch])
+        except (IntegrityError, DataError, psycopg.IntegrityError, psycopg.DataError) as error:
             if len(batch) > 1:
                 # One job's values must not fail the others: record them one by one.
                 for waiting in batch:

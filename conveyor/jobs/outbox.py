@@ -16,7 +16,7 @@ from typing import Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import store
-from conveyor.jobs.db import recording_sessions
+from conveyor.jobs.db import recorder_for
 from conveyor.jobs.models import Job, NewJob
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def publish_recorded(
 def submit(
     sessions: sessionmaker[Session], publisher: Publisher, new_jobs: Sequence[NewJob]
 ) -> list[Job]:
-    """Record jobs in their own transaction (on PostgreSQL one statement), then publish them."""
-    with recording_sessions(sessions).begin() as session:
-        jobs = store.create_jobs(session, new_jobs)
+    """Record jobs (on PostgreSQL one statement, committed by itself), then publish them."""
+    jobs = recorder_for(sessions).record(new_jobs)
     publish_recorded(sessions, publisher, jobs)
     return jobs
