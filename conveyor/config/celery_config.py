@@ -120,6 +120,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_transport_options"] = {
             "visibility_timeout": settings.redis_visibility_timeout,
         }
+        # kombu's transport, minus a new redis-py client for every publish and ack.
+        config["broker_transport"] = "conveyor.worker.redis_transport:Transport"
     elif settings.broker_url.startswith(("amqp://", "amqps://")):
         # A publish counts only once the broker has confirmed it.
         config["broker_transport_options"] = {"confirm_publish": True}
