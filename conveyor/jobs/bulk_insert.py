@@ -104,6 +104,42 @@ def psycopg_params(new_jobs: Sequence[NewJob]) -> dict[str, Any]:
     return {**_columns(new_jobs), "now": None}
 
 
+# One job, the same rows as PSYCOPG_SQL writes, without the arrays: about half the time
+# of the statement above for a batch of one (no unnest, no ordinal join to plan or run).
+SINGLE_SQL = f"""
+WITH clock AS (
+    SELECT now() AS stamp,
+           (CAST(%(run_at)s AS timestamptz) IS NOT NULL
+            AND CAST(%(run_at)s AS timestamptz) > now()) AS waiting
+), created AS (
+    INSERT INTO jobs (
+        id, tenant, task, state, priority, queue, payload, attempts, max_attempts,
+        timeout_seconds, tags, idempotency_key, request_hash, cancel_requested,
+        created_at, scheduled_at, run_after, updated_at, schedule_id, schedule_tick,
+        traceparent, request_id
+    )
+    SELECT %(id)s, %(tenant)s, %(task)s,
+           CASE WHEN waiting THEN 'scheduled' ELSE 'queued' END,
+           %(priority)s, %(queue)s, CAST(%(payload)s AS jsonb), 0, %(max_attempts)s,
+           %(timeout_seconds)s, CAST(%(tags)s AS jsonb), %(idempotency_key)s,
+           %(request_hash)s, false, stamp, COALESCE(CAST(%(run_at)s AS timestamptz), stamp),
+           CASE WHEN waiting THEN CAST(%(run_at)s AS timestamptz) END, stamp,
+           %(schedule_id)s, %(schedule_tick)s, %(traceparent)s, %(request_id)s
+    FROM clock
+    RETURNING {_RETURNED}
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt)
+    SELECT id, created_at, 'created', NULL, state, 0 FROM created
+)
+SELECT {_RETURNED} FROM created
+"""
+
+
+def single_params(new: NewJob) -> dict[str, Any]:
+    """SINGLE_SQL's parameters."""
+    return {name: values[0] for name, values in _columns([new]).items()}
+
+
 def _columns(new_jobs: Sequence[NewJob]) -> dict[str, list[Any]]:
     """One list per column; JSON goes as text and is cast to jsonb in the statement."""
     return {

@@ -167,9 +167,11 @@ class FastPath:
         if not new_jobs:
             return []
         try:
-            cursor = self._connection("records").execute(
-                bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs), prepare=True
-            )
+            if len(new_jobs) == 1:
+                sql, params = bulk_insert.SINGLE_SQL, bulk_insert.single_params(new_jobs[0])
+            else:
+                sql, params = bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs)
+            cursor = self._connection("records").execute(sql, params, prepare=True)
             return [Job.from_row(row) for row in cursor.fetchall()]  # type: ignore[arg-type]
         except psycopg.OperationalError:
             self._local.records = None

@@ -133,7 +133,7 @@ class Executor:
     def _attempt(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
         started = time.perf_counter()
         observe_start(job)
-        log.info("job started")
+        log.debug("job started")
         token = job.lease_token
         lost = self.leases.hold(job.id, token, job.timeout_seconds)
         handed_over = False
