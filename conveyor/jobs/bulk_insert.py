@@ -48,6 +48,14 @@ _NAMES = ", ".join(name for name, _ in _GIVEN)
 _RETURNED = ", ".join(column.name for column in jobs.c)
 _RESULT = ", ".join(f"created.{column.name}" for column in jobs.c)
 
+# The columns a new job's INSERT names, in the order both statements below give them.
+_INSERT_INTO = """INSERT INTO jobs (
+        id, tenant, task, state, priority, queue, payload, attempts, max_attempts,
+        timeout_seconds, tags, idempotency_key, request_hash, cancel_requested,
+        created_at, scheduled_at, run_after, updated_at, schedule_id, schedule_tick,
+        traceparent, request_id
+    )"""
+
 _SQL = f"""
 WITH given AS (
     SELECT g.*, clock.stamp,
@@ -57,12 +65,7 @@ WITH given AS (
     ) WITH ORDINALITY AS g({_NAMES}, ordinal)
     CROSS JOIN (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS stamp) AS clock
 ), created AS (
-    INSERT INTO jobs (
-        id, tenant, task, state, priority, queue, payload, attempts, max_attempts,
-        timeout_seconds, tags, idempotency_key, request_hash, cancel_requested,
-        created_at, scheduled_at, run_after, updated_at, schedule_id, schedule_tick,
-        traceparent, request_id
-    )
+    {_INSERT_INTO}
     SELECT id, tenant, task,
            CASE WHEN waiting THEN 'scheduled' ELSE 'queued' END,
            priority, queue, payload, 0, max_attempts,
@@ -112,12 +115,7 @@ WITH clock AS (
            (CAST(%(run_at)s AS timestamptz) IS NOT NULL
             AND CAST(%(run_at)s AS timestamptz) > now()) AS waiting
 ), created AS (
-    INSERT INTO jobs (
-        id, tenant, task, state, priority, queue, payload, attempts, max_attempts,
-        timeout_seconds, tags, idempotency_key, request_hash, cancel_requested,
-        created_at, scheduled_at, run_after, updated_at, schedule_id, schedule_tick,
-        traceparent, request_id
-    )
+    {_INSERT_INTO}
     SELECT %(id)s, %(tenant)s, %(task)s,
            CASE WHEN waiting THEN 'scheduled' ELSE 'queued' END,
            %(priority)s, %(queue)s, CAST(%(payload)s AS jsonb), 0, %(max_attempts)s,
