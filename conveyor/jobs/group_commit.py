@@ -25,13 +25,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.jobs import store
+from conveyor.jobs import outbox, store
 from conveyor.jobs.db import recorder_for
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.outbox import Publisher
@@ -108,21 +107,6 @@ class GroupCommitter:
         future: asyncio.Future[Recorded] = loop.create_future()
         self.put(new, _settle_future(loop, future))
         return await future
-
-    def submit_blocking(self, new: NewJob) -> Recorded:
-        """The same as `submit`, for a caller on a thread of its own."""
-        done = threading.Event()
-        box: list[Recorded | BaseException] = []
-
-        def settle(outcome: Recorded | BaseException) -> None:
-            box.append(outcome)
-            done.set()
-
-        self.put(new, settle)
-        done.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
 
     def put(self, new: NewJob, settle: Settle) -> None:
         """Queue a job for the next batch; `settle` is called with its outcome."""
@@ -218,12 +202,5 @@ class GroupCommitter:
             self._marks.extend(published)
 
     def _publish(self, jobs: Sequence[Job]) -> set[uuid.UUID]:
-        ready = [job for job in jobs if job.published_at is None]
-        if not ready:
-            return set()
-        try:
-            return set(self._publisher.publish(ready))
-        except Exception as error:  # the relay publishes these later
-            log.warning("publish failed, the relay will retry: %s", error)
-            sent: Any = getattr(error, "published", ())
-            return {i for i in sent if isinstance(i, uuid.UUID)}
+        published, _ = outbox.publish_ready(self._publisher, jobs)
+        return set(published)

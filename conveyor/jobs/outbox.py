@@ -35,26 +35,31 @@ class Publisher(Protocol):
         ...
 
 
+def publish_ready(publisher: Publisher, jobs: Sequence[Job]) -> tuple[list[uuid.UUID], bool]:
+    """Publish the jobs not yet published: the ids that went out, and whether all did.
+
+    A refused publish is not an error for the caller: the relay publishes those jobs
+    later. What went out before a failure is still returned; it needs no second message.
+    """
+    ready = [job for job in jobs if job.published_at is None]
+    if not ready:
+        return [], True
+    try:
+        return list(publisher.publish(ready)), True
+    except Exception as error:  # the relay publishes these later
+        log.warning("publish failed, the relay will retry: %s", error)
+        return [i for i in getattr(error, "published", ()) if isinstance(i, uuid.UUID)], False
+
+
 def publish_recorded(
     sessions: sessionmaker[Session], publisher: Publisher, jobs: Sequence[Job]
 ) -> bool:
     """Publish committed jobs and mark them published; False if the broker refused."""
-    ready = [job for job in jobs if job.published_at is None]
-    if not ready:
-        return True
-    try:
-        published = publisher.publish(ready)
-    except Exception as error:  # the relay publishes these later
-        log.warning("publish failed, the relay will retry: %s", error)
-        # What went out before the failure needs no second message.
-        sent = [i for i in getattr(error, "published", ()) if isinstance(i, uuid.UUID)]
-        if sent:
-            with sessions.begin() as session:
-                store.mark_published(session, sent)
-        return False
-    with sessions.begin() as session:
-        store.mark_published(session, published)
-    return True
+    published, taken = publish_ready(publisher, jobs)
+    if published:
+        with sessions.begin() as session:
+            store.mark_published(session, published)
+    return taken
 
 
 def submit(

@@ -36,9 +36,7 @@ from conveyor.jobs.store import utcnow
 from conveyor.observability import tracing
 from conveyor.worker.broker import bounded_connection
 from conveyor.worker.confirms import Confirms
-from conveyor.worker.messages import RunMessages, message_headers
-
-__all__ = ["BrokerUnavailable", "CeleryPublisher", "message_headers"]
+from conveyor.worker.messages import RunMessages
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
