@@ -18,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import CheckConstraint, Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from conveyor.jobs import migrate, store
 from conveyor.jobs.db import make_engine, make_session_factory
@@ -209,3 +210,62 @@ def test_comparison_would_notice_a_difference(fresh_engine: Engine) -> None:
     kinds = {(d[0], getattr(d[1], "name", None)) for d in found if isinstance(d, tuple)}
     assert ("add_index", "ix_jobs_state_run_after") in kinds
     assert ("remove_table", "stray") in kinds
+
+
+PARTIAL_INDEXES = {
+    "uq_jobs_tenant_idempotency_key": "idempotency_key",
+    "uq_jobs_schedule_id_schedule_tick": "schedule_tick",
+    "ix_jobs_finished_at": "finished_at",
+    "ix_jobs_task_limit_key_state": "limit_key",
+}
+
+
+def index_definitions(engine: Engine) -> dict[str, str]:
+    """Each index on jobs by name, with its definition as the database keeps it."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.execute(
+                text("SELECT name, coalesce(sql, '') FROM sqlite_master WHERE tbl_name = 'jobs'")
+            )
+        else:
+            rows = connection.execute(
+                text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'jobs'")
+            )
+        return {name: definition for name, definition in rows}
+
+
+def test_sparse_columns_are_indexed_only_where_set_and_keys_stay_unique(
+    fresh_engine: Engine,
+) -> None:
+    migrate.upgrade(fresh_engine)
+    definitions = index_definitions(fresh_engine)
+    for name, column in PARTIAL_INDEXES.items():
+        assert f"WHERE {column} IS NOT NULL" in definitions[name].replace("(", "").replace(
+            ")", ""
+        ), definitions[name]
+
+    sessions = make_session_factory(fresh_engine)
+    now = dt.datetime.now(dt.UTC)
+
+    def keyed(key: str | None) -> NewJob:
+        return NewJob(
+            tenant="t", task="demo.echo", payload={}, priority="default", queue="default",
+            max_attempts=1, timeout_seconds=5.0, idempotency_key=key,
+        )  # fmt: skip
+
+    with sessions() as session:
+        # Jobs without a key never conflict; a second job with the same key does.
+        store.create_job(session, keyed(None), now=now)
+        store.create_job(session, keyed(None), now=now)
+        store.create_job(session, keyed("k"), now=now)
+        session.commit()
+    with pytest.raises(IntegrityError), sessions() as session:
+        store.create_job(session, keyed("k"), now=now)
+        session.commit()
+
+    # Back at 0006 the constraints are whole again, and forward the partial indexes return.
+    downgrade(fresh_engine, "0006")
+    assert not any("WHERE" in d for d in index_definitions(fresh_engine).values())
+    migrate.upgrade(fresh_engine)
+    assert differences(fresh_engine) == []
+    assert set(PARTIAL_INDEXES) <= set(index_definitions(fresh_engine))
