@@ -47,6 +47,7 @@ The 1-minute load average is printed per row (start -> end) and for the whole ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -353,10 +354,19 @@ def batch_row(conveyor: Target, database: ApiDatabase, broker: BenchBroker, opts
     sent = warm.accepted_jobs + tally.accepted_jobs
     if tally.accepted_jobs != jobs or warm.accepted_jobs != BATCH_SIZE:
         raise BenchError(f"Conveyor batch: {dict(tally.statuses)} {tally.first_error}")
-    total, unpublished = database.job_counts()
-    # The queues were emptied before this row: they hold what this row published.
-    published = (total - unpublished) - (before - unpublished_before)
-    messages = broker.depth(POOLS)
+    # The marks of publication follow the answers by up to the group commit's mark delay.
+    counts: list[tuple[int, int, int]] = []
+
+    def marked() -> bool:
+        total, unpublished = database.job_counts()
+        # The queues were emptied before this row: they hold what this row published.
+        published = (total - unpublished) - (before - unpublished_before)
+        counts.append((total, published, broker.depth(POOLS)))
+        return published == counts[-1][2]
+
+    with contextlib.suppress(BenchError):
+        wait_for(marked, timeout=10, what="the batch row's marks of publication", interval=0.05)
+    total, published, messages = counts[-1]
     if total - before != sent or messages != published:
         raise BenchError(
             f"Conveyor batch: {total - before} jobs recorded for {sent} accepted, "

@@ -4,6 +4,10 @@ The jobs arrive as one array per column, unnested with their positions; a writab
 inserts the jobs, a second one their `created` events, and the outer query returns the
 rows in input order. One round trip whatever the batch size, and the database's clock
 decides which jobs are still waiting (`scheduled`) without a query of its own.
+
+Only what the database decides comes back (each job's state and the clock's stamp): the
+rest of a new row is what the caller gave, so `recorded` builds the jobs from the NewJobs
+instead of reading every column (payloads included) back and converting it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -19,6 +23,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import UTCDateTime, jobs
 
 # (column, array type) for every value a NewJob brings; the rest are constants below.
@@ -43,10 +48,9 @@ _GIVEN = (
 
 _ARRAYS = ",\n        ".join(f"CAST(:{name} AS {kind})" for name, kind in _GIVEN)
 _NAMES = ", ".join(name for name, _ in _GIVEN)
-# Named, in the table object's order: the result columns are matched by position, and
-# the database's own column order follows the migrations, not tables.py.
-_RETURNED = ", ".join(column.name for column in jobs.c)
-_RESULT = ", ".join(f"created.{column.name}" for column in jobs.c)
+# What the database decides of a new row; `recorded` takes them in this order.
+_RETURNED = "id, state, created_at"
+_RESULT = "created.state, created.created_at"
 
 # The columns a new job's INSERT names, in the order both statements below give them.
 _INSERT_INTO = """INSERT INTO jobs (
@@ -84,8 +88,8 @@ WITH given AS (
 SELECT {_RESULT} FROM created JOIN given USING (id) ORDER BY given.ordinal
 """
 
-# Times go through the table's type, which refuses naive ones as the ORM path does;
-# typed result columns bring the rows back exactly as that path returns them.
+# Times go through the table's type, which refuses naive ones as the ORM path does, and
+# the stamp comes back as that type returns it.
 _STATEMENT = (
     text(_SQL)
     .bindparams(
@@ -93,7 +97,7 @@ _STATEMENT = (
         bindparam("run_at", type_=ARRAY(UTCDateTime())),
         bindparam("schedule_tick", type_=ARRAY(UTCDateTime())),
     )
-    .columns(*jobs.c)
+    .columns(jobs.c.state, jobs.c.created_at)
 )
 
 
@@ -129,7 +133,7 @@ WITH clock AS (
     INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt)
     SELECT id, created_at, 'created', NULL, state, 0 FROM created
 )
-SELECT {_RETURNED} FROM created
+SELECT state, created_at FROM created
 """
 
 
@@ -167,5 +171,51 @@ def insert_jobs(
     if not new_jobs:
         return []
     params = {**_columns(new_jobs), "now": now}
-    rows = session.execute(_STATEMENT, params).mappings()
-    return [Job.from_row(row) for row in rows]
+    rows = session.execute(_STATEMENT, params).all()
+    return recorded(new_jobs, [(row[0], row[1]) for row in rows])
+
+
+def recorded(
+    new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]
+) -> list[Job]:
+    """The jobs as the statements above wrote them, from what was given and each row's
+    (state, stamp), the rows in input order."""
+    jobs_ = []
+    for new, (state, stamp) in zip(new_jobs, rows, strict=True):
+        waiting = state == JobState.SCHEDULED
+        jobs_.append(
+            Job(
+                id=new.id,
+                tenant=new.tenant,
+                task=new.task,
+                state=JobState(state),
+                priority=new.priority,
+                queue=new.queue,
+                payload=new.payload,
+                result=None,
+                error_type=None,
+                error_message=None,
+                error_traceback=None,
+                error_fingerprint=None,
+                attempts=0,
+                max_attempts=new.max_attempts,
+                timeout_seconds=float(new.timeout_seconds),
+                progress=None,
+                tags=list(new.tags),
+                idempotency_key=new.idempotency_key,
+                request_hash=new.request_hash,
+                worker=None,
+                lease_expires_at=None,
+                cancel_requested=False,
+                created_at=stamp,
+                scheduled_at=new.run_at or stamp,
+                run_after=new.run_at if waiting else None,
+                published_at=None,
+                started_at=None,
+                finished_at=None,
+                updated_at=stamp,
+                traceparent=new.traceparent,
+                request_id=new.request_id,
+            )
+        )
+    return jobs_

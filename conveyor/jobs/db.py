@@ -106,19 +106,6 @@ def db_now(session: Session) -> dt.datetime:
 
 
 @functools.lru_cache(maxsize=32)
-def recording_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
-    """Sessions for recording new jobs: autocommit where a batch is one statement.
-
-    On PostgreSQL the rows and their events are one statement, a transaction by itself;
-    elsewhere (SQLite: two statements) the given sessions, with their transactions.
-    """
-    bind = sessions.kw.get("bind")
-    if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
-        autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
-        return sessionmaker(**{**sessions.kw, "bind": autocommit})
-    return sessions
-
-
 class Recorder:
     """Records new jobs: the rows and their `created` events, durably, in input order.
 

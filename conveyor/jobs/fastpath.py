@@ -172,7 +172,8 @@ class FastPath:
             else:
                 sql, params = bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs)
             cursor = self._connection("records").execute(sql, params, prepare=True)
-            return [Job.from_row(row) for row in cursor.fetchall()]  # type: ignore[arg-type]
+            rows = [(row["state"], row["created_at"]) for row in cursor.fetchall()]
+            return bulk_insert.recorded(new_jobs, rows)
         except psycopg.OperationalError:
             self._local.records = None
             raise

@@ -1,11 +1,12 @@
 """Group commit: single submissions that arrive together share one transaction.
 
-Each request hands its job to one recording thread and waits. The thread takes every job
-waiting at that moment (up to `max_batch`), records them with one multi-row INSERT and
-one durable COMMIT, publishes them together (one Redis pipeline, or one wait for
-RabbitMQ's confirms), and answers each request. Nothing waits on purpose: under load the
-jobs that arrive during one commit form the next batch, and an idle API records a lone
-job at once.
+Each request hands its job (or a batch request its jobs, as one unit) to one recording
+thread and waits. The thread takes every unit waiting at that moment (up to `max_batch`
+jobs, and always at least one unit), records them with one multi-row INSERT and one
+durable COMMIT, publishes them together (one Redis pipeline, or one wait for RabbitMQ's
+confirms), and answers each request. A unit is recorded whole or not at all. Nothing
+waits on purpose: under load the jobs that arrive during one commit form the next batch,
+and an idle API records a lone job at once.
 
 On PostgreSQL a batch is one statement (the rows and their events in one CTE) run in
 autocommit: one round trip that returns once the commit is on disk, with no BEGIN or
@@ -38,7 +39,7 @@ from conveyor.observability import logs
 
 log = logs.get(__name__)
 
-MAX_BATCH = 500
+MAX_BATCH = 1000
 MARK_DELAY = 0.05
 
 
@@ -50,19 +51,21 @@ class Recorded:
     published: bool
 
 
-Settle = Callable[["Recorded | BaseException"], None]
+Settle = Callable[["list[Recorded] | BaseException"], None]
 
 
 @dataclass(slots=True)
 class _Waiting:
-    new: NewJob
+    news: Sequence[NewJob]
     settle: Settle
 
 
-def _settle_future(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Recorded]) -> Settle:
+def _settle_future(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[Recorded]]
+) -> Settle:
     """A callback, safe from any thread, that answers `future` on its loop."""
 
-    def answer(outcome: Recorded | BaseException) -> None:
+    def answer(outcome: list[Recorded] | BaseException) -> None:
         if future.done():  # the caller went away; the job stays recorded
             return
         if isinstance(outcome, BaseException):
@@ -70,7 +73,7 @@ def _settle_future(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Recor
         else:
             future.set_result(outcome)
 
-    def settle(outcome: Recorded | BaseException) -> None:
+    def settle(outcome: list[Recorded] | BaseException) -> None:
         loop.call_soon_threadsafe(answer, outcome)
 
     return settle
@@ -103,18 +106,25 @@ class GroupCommitter:
 
     async def submit(self, new: NewJob) -> Recorded:
         """Record `new` with whatever else is waiting; the job once committed."""
+        [recorded] = await self.submit_all([new])
+        return recorded
+
+    async def submit_all(self, news: Sequence[NewJob]) -> list[Recorded]:
+        """Record `news` together (all or none) with whatever else is waiting."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Recorded] = loop.create_future()
-        self.put(new, _settle_future(loop, future))
+        future: asyncio.Future[list[Recorded]] = loop.create_future()
+        self.put(news, _settle_future(loop, future))
         return await future
 
-    def put(self, new: NewJob, settle: Settle) -> None:
-        """Queue a job for the next batch; `settle` is called with its outcome."""
+    def put(self, news: Sequence[NewJob], settle: Settle) -> None:
+        """Queue jobs, one unit, for the next batch; `settle` is called with the outcome."""
+        if not news:
+            raise ValueError("nothing to record")
         with self._wake:
             if self._closing:
                 raise RuntimeError("the API is shutting down")
             self._ensure_thread()
-            self._waiting.append(_Waiting(new, settle))
+            self._waiting.append(_Waiting(news, settle))
             self._wake.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -151,8 +161,12 @@ class GroupCommitter:
                     self._wake.wait(due)
                 else:
                     self._wake.wait()
-            count = min(len(self._waiting), self._max_batch)
-            return [self._waiting.popleft() for _ in range(count)]
+            batch = [self._waiting.popleft()]
+            size = len(batch[0].news)
+            while self._waiting and size + len(self._waiting[0].news) <= self._max_batch:
+                size += len(self._waiting[0].news)
+                batch.append(self._waiting.popleft())
+            return batch
 
     def _loop(self) -> None:
         while True:
@@ -177,10 +191,10 @@ class GroupCommitter:
 
     def _record(self, batch: list[_Waiting]) -> None:
         try:
-            jobs = self._recorder.record([w.new for w in batch])
+            jobs = self._recorder.record([new for w in batch for new in w.news])
         except (IntegrityError, DataError, psycopg.IntegrityError, psycopg.DataError) as error:
             if len(batch) > 1:
-                # One job's values must not fail the others: record them one by one.
+                # One unit's values must not fail the others: record them one by one.
                 for waiting in batch:
                     self._record([waiting])
                 return
@@ -194,8 +208,11 @@ class GroupCommitter:
             return
         self.batches += 1
         published = self._publish(jobs)
-        for waiting, job in zip(batch, jobs, strict=True):
-            waiting.settle(Recorded(job, job.id in published))
+        start = 0
+        for waiting in batch:
+            mine = jobs[start : start + len(waiting.news)]
+            start += len(waiting.news)
+            waiting.settle([Recorded(job, job.id in published) for job in mine])
         if published:
             if not self._marks:
                 self._marks_since = time.monotonic()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import psycopg
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,15 +44,15 @@ def settle_all(committer: GroupCommitter, count: int) -> tuple[list[Recorded], t
     done = threading.Event()
     lock = threading.Lock()
 
-    def settle(outcome: Recorded | BaseException) -> None:
-        assert isinstance(outcome, Recorded), outcome
+    def settle(outcome: list[Recorded] | BaseException) -> None:
+        assert isinstance(outcome, list), outcome
         with lock:
-            answers.append(outcome)
+            answers.extend(outcome)
             if len(answers) == count:
                 done.set()
 
     for new in new_jobs(count):
-        committer.put(new, settle)
+        committer.put([new], settle)
     return answers, done
 
 
@@ -104,3 +106,55 @@ def test_closing_records_and_answers_what_waits(pg_engine: Engine, redis_url: st
     assert len(first) == 1 and len(more) == 5
     # Marks that would have waited a minute are written before the thread ends.
     assert published_marks(sessions) == 6
+
+
+def test_a_batch_is_one_unit_recorded_whole_or_not_at_all(
+    pg_engine: Engine, redis_url: str
+) -> None:
+    sessions = make_session_factory(pg_engine)
+    app = app_for(redis_url)
+    gate = Gate(CeleryPublisher(app))
+    committer = GroupCommitter(sessions, gate, max_batch=40)
+    outcomes: dict[str, list[Recorded] | BaseException] = {}
+    settled = threading.Condition()
+
+    def settle_as(name: str) -> Callable[[list[Recorded] | BaseException], None]:
+        def settle(outcome: list[Recorded] | BaseException) -> None:
+            with settled:
+                outcomes[name] = outcome
+                settled.notify_all()
+
+        return settle
+
+    try:
+        committer.put(new_jobs(1), settle_as("first"))
+        assert gate.entered.wait(DEADLINE)
+        # While the first is published: a batch of 30, one job, a batch whose last job
+        # repeats the batch's first id, and a batch over what is left of max_batch.
+        good = new_jobs(30)
+        bad = new_jobs(5)
+        bad[-1] = dataclasses.replace(bad[-1], id=bad[0].id)
+        committer.put(good, settle_as("good"))
+        committer.put(new_jobs(1), settle_as("single"))
+        committer.put(bad, settle_as("bad"))
+        committer.put(new_jobs(20), settle_as("next"))
+        gate.opened.set()
+        with settled:
+            assert settled.wait_for(lambda: len(outcomes) == 5, DEADLINE)
+    finally:
+        gate.opened.set()
+        committer.close()
+
+    assert isinstance(outcomes["bad"], psycopg.IntegrityError), outcomes["bad"]
+    recorded = {name: o for name, o in outcomes.items() if isinstance(o, list)}
+    assert {name: len(o) for name, o in recorded.items()} == {
+        "first": 1, "good": 30, "single": 1, "next": 20,
+    }  # fmt: skip
+    assert [r.job.id for r in recorded["good"]] == [new.id for new in good]
+    # The first alone; the good batch, the single and the bad one tried together (36 of
+    # 40), then again unit by unit once the bad one failed; the last batch by itself.
+    assert gate.calls == [1, 30, 1, 20]
+    with sessions() as session:
+        stored = session.execute(select(func.count()).select_from(jobs)).scalar_one()
+        events = session.execute(select(func.count()).select_from(job_events)).scalar_one()
+    assert stored == events == 52

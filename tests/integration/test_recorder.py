@@ -75,4 +75,7 @@ def test_recorded_rows_match_the_stores(pg_engine: Engine, case: str, count: int
             assert got.run_after == extra["run_at"]
     with sessions() as session:
         events = session.execute(select(func.count()).select_from(job_events)).scalar_one()
+        # The jobs handed back are built from what was given; they are what was stored.
+        for job in [*recorded, *expected]:
+            assert store.get_job(session, job.id) == job
     assert events == 2 * len(recorded)

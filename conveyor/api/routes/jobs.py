@@ -30,7 +30,6 @@ from conveyor.api.schemas import (
 )
 from conveyor.api.state import ApiState
 from conveyor.jobs import outbox, store
-from conveyor.jobs.db import recording_sessions
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
 from conveyor.observability import logs, metrics
@@ -174,18 +173,20 @@ def _submit_keyed(new: NewJob, tenant: str, state: ApiState, response: Response)
 
 
 @router.post("/batch", status_code=202, response_model=BatchOut, responses=PROBLEMS)
-def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response) -> BatchOut:
+async def submit_batch(
+    body: BatchIn, key: Submitter, state: State, response: Response
+) -> BatchOut:
     """Record up to 1,000 jobs at once: all are validated before any is accepted."""
     new_jobs = [
         _build(item, key.tenant, None, ("body", "jobs", index))
         for index, item in enumerate(body.jobs)
     ]
-    # On PostgreSQL the rows and their events are one statement, in autocommit.
-    with recording_sessions(state.sessions).begin() as session:
-        jobs = store.create_jobs(session, new_jobs)
+    # All or none, in one statement, with the single submissions waiting at that moment.
+    recorded = await state.committer.submit_all(new_jobs)
+    jobs = [r.job for r in recorded]
     metrics.count_submitted(jobs)
     log.info("jobs submitted", count=len(jobs))
-    if not outbox.publish_recorded(state.sessions, state.publisher, jobs):
+    if not all(r.published for r in recorded):
         response.headers["Conveyor-Publish"] = "deferred"
     return BatchOut(jobs=[JobOut.of(job) for job in jobs])
 
