@@ -175,9 +175,7 @@ def insert_jobs(
     return recorded(new_jobs, [(row[0], row[1]) for row in rows])
 
 
-def recorded(
-    new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]
-) -> list[Job]:
+def recorded(new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]) -> list[Job]:
     """The jobs as the statements above wrote them, from what was given and each row's
     (state, stamp), the rows in input order."""
     jobs_ = []

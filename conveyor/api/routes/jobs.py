@@ -173,9 +173,7 @@ def _submit_keyed(new: NewJob, tenant: str, state: ApiState, response: Response)
 
 
 @router.post("/batch", status_code=202, response_model=BatchOut, responses=PROBLEMS)
-async def submit_batch(
-    body: BatchIn, key: Submitter, state: State, response: Response
-) -> BatchOut:
+async def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response) -> BatchOut:
     """Record up to 1,000 jobs at once: all are validated before any is accepted."""
     new_jobs = [
         _build(item, key.tenant, None, ("body", "jobs", index))
