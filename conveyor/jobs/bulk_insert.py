@@ -178,15 +178,15 @@ def insert_jobs(
 def recorded(new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]) -> list[Job]:
     """The jobs as the statements above wrote them, from what was given and each row's
     (state, stamp), the rows in input order."""
-    jobs_ = []
+    made = []
     for new, (state, stamp) in zip(new_jobs, rows, strict=True):
-        waiting = state == JobState.SCHEDULED
-        jobs_.append(
+        job_state = JobState(state)
+        made.append(
             Job(
                 id=new.id,
                 tenant=new.tenant,
                 task=new.task,
-                state=JobState(state),
+                state=job_state,
                 priority=new.priority,
                 queue=new.queue,
                 payload=new.payload,
@@ -207,7 +207,7 @@ def recorded(new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]
                 cancel_requested=False,
                 created_at=stamp,
                 scheduled_at=new.run_at or stamp,
-                run_after=new.run_at if waiting else None,
+                run_after=new.run_at if job_state is JobState.SCHEDULED else None,
                 published_at=None,
                 started_at=None,
                 finished_at=None,
@@ -216,4 +216,4 @@ def recorded(new_jobs: Sequence[NewJob], rows: Iterable[tuple[str, dt.datetime]]
                 request_id=new.request_id,
             )
         )
-    return jobs_
+    return made

@@ -105,7 +105,6 @@ def db_now(session: Session) -> dt.datetime:
     return driver_for(session).now(session)
 
 
-@functools.lru_cache(maxsize=32)
 class Recorder:
     """Records new jobs: the rows and their `created` events, durably, in input order.
 
