@@ -26,6 +26,11 @@ from conveyor.jobs.models import Job, NewJob
 
 # Every time here is the database's (`now()`): a worker's own clock never decides a lease.
 # `now` is given only where a caller fixes the time (tests of the store).
+#
+# Each statement finds its job by primary key and checks the state as a filter written
+# `(state = ...) IS TRUE`, which no index can answer: a prepared statement's generic plan
+# (used after a few executions, saving the planning of every one) could otherwise walk
+# the state index through every queued job instead of looking the one id up.
 CLAIM_SQL = """
 WITH moved AS (
     UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1,
@@ -35,7 +40,7 @@ WITH moved AS (
         started_at = COALESCE(%(now)s::timestamptz, now()),
         updated_at = COALESCE(%(now)s::timestamptz, now()),
         limit_key = COALESCE(%(limit_key)s, limit_key)
-    WHERE id = %(id)s AND state = 'queued' AND attempts < max_attempts
+    WHERE id = %(id)s AND (state = 'queued') IS TRUE AND attempts < max_attempts
         AND NOT (task = ANY(%(limited)s::text[]))
     RETURNING *
 ), logged AS (
@@ -50,7 +55,7 @@ WITH moved AS (
     UPDATE jobs SET state = 'succeeded', result = %(result)s,
         finished_at = COALESCE(%(now)s::timestamptz, now()),
         lease_expires_at = NULL, updated_at = COALESCE(%(now)s::timestamptz, now())
-    WHERE id = %(id)s AND state = 'running' AND lease_token = %(token)s
+    WHERE id = %(id)s AND (state = 'running') IS TRUE AND lease_token = %(token)s
         AND worker = %(worker)s
     RETURNING *
 ), logged AS (
@@ -72,7 +77,7 @@ WITH done AS (
         finished_at = COALESCE(%(now)s::timestamptz, now()),
         lease_expires_at = NULL, updated_at = COALESCE(%(now)s::timestamptz, now())
     FROM done
-    WHERE jobs.id = done.id AND jobs.state = 'running' AND jobs.lease_token = done.token
+    WHERE jobs.id = done.id AND (jobs.state = 'running') IS TRUE AND jobs.lease_token = done.token
         AND jobs.worker = %(worker)s
     RETURNING jobs.id, jobs.lease_token, jobs.attempts, jobs.updated_at
 ), logged AS (
@@ -128,11 +133,11 @@ class FastPath:
             conn = psycopg.connect(
                 self._conninfo, autocommit=True, row_factory=dict_row, connect_timeout=5
             )
-            # Plan each execution with its own values: a generic plan made while the table
-            # was small can scan every queued job instead of looking the id up.
             conn.execute("SET TIME ZONE 'UTC'")
             if name != "records":
-                conn.execute("SET plan_cache_mode = force_custom_plan")
+                # Every statement on these connections finds its rows by primary key;
+                # a generic plan made while the table was small must not be a scan.
+                conn.execute("SET enable_seqscan = off")
             if name == "claims":
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
@@ -140,6 +145,16 @@ class FastPath:
                 conn.execute("SET synchronous_commit = off")
             setattr(self._local, name, conn)
         return conn
+
+    def close(self) -> None:
+        """Close this thread's connections; the next call opens new ones."""
+        if getattr(self._local, "pid", None) != os.getpid():
+            return
+        for name in ("claims", "finishes", "records"):
+            conn = getattr(self._local, name, None)
+            if conn is not None:
+                conn.close()
+                setattr(self._local, name, None)
 
     def _run(self, name: str, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
         try:

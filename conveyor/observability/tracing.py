@@ -120,10 +120,15 @@ def span(
 ) -> Iterator[Span]:
     """A span made current, child of `parent` (default: the current context).
 
-    Without export the span records nothing but keeps the parent's trace id current.
+    Without export no span is made (it would record nothing): the parent is made current,
+    so its trace id still reaches the log lines, and the span given is the parent's own
+    non-recording one.
     """
     token = otel_context.attach(parent) if parent is not None else None
     try:
+        if _provider is None:
+            yield trace.get_current_span()
+            return
         with tracer().start_as_current_span(
             name, kind=kind, attributes=dict(attributes or {})
         ) as current:

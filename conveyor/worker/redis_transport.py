@@ -1,28 +1,136 @@
-"""kombu's Redis transport, keeping one redis-py client per channel for its commands.
+"""kombu's Redis transport, with fewer round trips per message on the consuming side.
 
-kombu makes a new redis-py client for every publish batch and every acknowledgement,
-and a client's construction (its table of some 170 response callbacks) costs more than
-the command it sends. A redis-py client is safe to share between threads and holds no
-connection of its own (they come from the channel's pool), so each channel makes one,
-on first use, and keeps it. Consuming (BRPOP) and fan-out keep kombu's own clients.
+Three changes, each on kombu's own classes:
+
+- One redis-py client per channel for its commands. kombu makes a new client for every
+  publish batch and every acknowledgement, and a client's construction (its table of
+  some 170 response callbacks) costs more than the command it sends. A redis-py client
+  is safe to share between threads and holds no connection of its own (they come from
+  the channel's pool), so each channel makes one, on first use, and keeps it.
+- The bookkeeping of unacknowledged messages (kombu's ack emulation: a hash of the
+  messages a consumer holds and a sorted set of when it took them) is written at most
+  every FLUSH_SECONDS, for everything delivered and acknowledged since, instead of one
+  MULTI/EXEC round trip per delivery and another per ack. A
+  message taken but not yet entered there when the worker dies is not restored by
+  Redis; its job is still `queued` in the store, and the sweep of lost messages has the
+  relay publish it again. An ack not yet written leaves an entry that is restored after
+  the visibility timeout; the store then drops the second delivery of a finished job.
+- When BRPOP hands over a message and the consumer may hold more (its prefetch limit),
+  the messages already waiting are taken in the same turn, by one script, in BRPOP's
+  order of queues and priorities, instead of one BRPOP round trip each.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 # For Celery's `broker_transport` setting.
 TRANSPORT = "conveyor.worker.redis_transport:Transport"
+
+# At most this many messages are taken by one script call after a BRPOP.
+MAX_TAKE = 64
+# Held ack-emulation entries are written this often, or once this many are held.
+FLUSH_SECONDS = 0.01
+FLUSH_HELD = 256
+
+# Pop up to ARGV[1] messages from KEYS in order; the key and the message of each.
+TAKE_SCRIPT = """
+local taken = {}
+local want = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+    if want <= 0 then break end
+    local items = redis.call('RPOP', key, want)
+    if items then
+        for _, item in ipairs(items) do
+            taken[#taken + 1] = key
+            taken[#taken + 1] = item
+        end
+        want = want - #items
+    end
+end
+return taken
+"""
+
+
+class QoS(kombu_redis.QoS):
+    """Ack emulation whose Redis writes wait for the end of the event loop's turn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_lock = threading.Lock()
+        self._appended: dict[str, str] = {}
+        self._acked: list[str] = []
+        self._flushed_at = 0.0
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Hold the message as delivered; its entry is written at the next flush."""
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self._pending_lock:
+            self._appended[delivery_tag] = entry
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        """Release the message now; its entry is removed at the next flush."""
+        with self._pending_lock:
+            self._acked.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """As kombu's, once the entries it works on are written."""
+        self.flush()
+        super().reject(delivery_tag, requeue=requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """As kombu's, once the entries it works on are written."""
+        self.flush()
+        super().restore_unacked(client)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """As kombu's, with this consumer's entries written first."""
+        self.flush()
+        super().restore_visible(*args, **kwargs)
+
+    def maybe_flush(self) -> None:
+        """Write the held entries if the last write is FLUSH_SECONDS old or many are held."""
+        held = len(self._appended) + len(self._acked)
+        if held and (held >= FLUSH_HELD or time.monotonic() - self._flushed_at >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held deliveries and acks in one round trip (entries first)."""
+        with self._pending_lock:
+            self._flushed_at = time.monotonic()
+            if not self._appended and not self._acked:
+                return
+            appended, acked = self._appended, self._acked
+            self._appended, self._acked = {}, []
+        with self.pipe_or_acquire() as pipe:
+            if appended:
+                now = time.time()
+                pipe.zadd(self.unacked_index_key, dict.fromkeys(appended, now))
+                pipe.hset(self.unacked_key, mapping=appended)
+            if acked:
+                pipe.zrem(self.unacked_index_key, *acked)
+                pipe.hdel(self.unacked_key, *acked)
+            pipe.execute()
 
 
 class Channel(kombu_redis.Channel):
     """A Redis channel whose synchronous commands share one client."""
 
+    QoS = QoS
     _shared_client: Any = None
+    _take: Any = None
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -34,8 +142,57 @@ class Channel(kombu_redis.Channel):
             self._shared_client = self._create_client()
         yield self._shared_client
 
+    def flush_acks(self, *, now: bool = True) -> None:
+        """Write the ack emulation's held entries (`now`, or when they are due)."""
+        qos = self._qos  # kombu's, made on first use of `qos`
+        if isinstance(qos, QoS):
+            if now:
+                qos.flush()
+            else:
+                qos.maybe_flush()
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # Also where a consumer without an event loop writes its held entries.
+        self.flush_acks(now=False)
+        super()._brpop_start(timeout)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        delivered: bool = super()._brpop_read(**options)
+        if delivered:
+            self._take_waiting()
+        return delivered
+
+    def _take_waiting(self) -> None:
+        """Take the messages already queued, up to what the prefetch limit allows."""
+        room = self.qos.can_consume_max_estimate()
+        want = MAX_TAKE if room is None else min(room, MAX_TAKE)
+        if want <= 0 or self.global_keyprefix:
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        with self.conn_or_acquire() as client:
+            if self._take is None:
+                self._take = client.register_script(TAKE_SCRIPT)
+            taken = self._take(keys=keys, args=[want], client=client)
+        for key, item in zip(taken[::2], taken[1::2], strict=True):
+            queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+
 
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above."""
 
     Channel = Channel
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """As kombu's; each turn of the loop also writes the channels' held acks when due."""
+        super().register_with_event_loop(connection, loop)
+        # A bound method: registering again after a reconnection adds nothing.
+        loop.on_tick.add(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Write every channel's held ack-emulation entries that are due."""
+        for channel in self.channels:
+            channel.flush_acks(now=False)

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from conveyor.config import Settings, TaskLimits
 from conveyor.jobs import store
 from conveyor.jobs.db import make_session_factory
+from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.states import JobState
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
@@ -66,3 +67,43 @@ def test_limits_on_one_task_type_leave_the_others_on_the_fast_path(
         limited = store.get_job(session, sleep.id)
     assert limited is not None and limited.state is JobState.SUCCEEDED
     assert limited.limit_key == "customer:c"
+
+
+def test_claims_use_a_generic_plan_that_looks_the_job_up_by_its_key(
+    pg_engine: Engine, pg_url: str
+) -> None:
+    fast = FastPath(pg_url)
+    # The table is nearly empty when the statement is first prepared, as on a new install.
+    jobs = fast.record(
+        [build_new_job(registry, tenant="a", task="demo.echo", payload={}) for _ in range(12)]
+    )
+    for job in jobs:
+        assert fast.claim(job.id, worker="w:1", lease_seconds=60) is not None
+    conn = fast._connection("claims")
+    row = conn.execute(
+        "SELECT name, generic_plans, parameter_types::text[] AS types"
+        " FROM pg_prepared_statements WHERE statement LIKE '%%''claimed''%%'"
+    ).fetchone()
+    assert row is not None
+    # Planning is paid a few times, not per claim.
+    assert row["generic_plans"] >= 1
+    # Then a backlog arrives; the plan made on the small table still finds rows by id.
+    fast.record(
+        [build_new_job(registry, tenant="a", task="demo.echo", payload={}) for _ in range(2000)]
+    )
+    values = {
+        "uuid": f"'{jobs[0].id}'",
+        "text": "'w:1'",
+        "character varying": "'w:1'",
+        "double precision": "60",
+        "timestamp with time zone": "NULL",
+        "text[]": "'{}'",
+    }
+    args = ", ".join(values[kind] for kind in row["types"])
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    plan = "\n".join(
+        next(iter(r.values())) for r in conn.execute(f"EXPLAIN EXECUTE {row['name']}({args})")
+    )
+    fast.close()
+    assert "Index Scan using pk_jobs on jobs" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
