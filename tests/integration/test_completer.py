@@ -22,6 +22,7 @@ from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import job_events
 from conveyor.worker.app import create_celery
+from conveyor.worker.completer import LINGER_BELOW
 from conveyor.worker.execute import Executor
 from conveyor.worker.runtime import StoreHandle
 from tests.integration.test_guarantees import _create, _job, _new
@@ -128,3 +129,29 @@ def test_a_success_written_after_a_cancel_is_refused_and_the_run_reported_stoppe
     # The run said it ended, so its stop window is over and a retry may go at once.
     assert after.lease_expires_at is None
     assert not executor.leases.holds(job.id, after.lease_token)
+
+
+def test_a_write_of_a_few_waits_for_more_and_a_flush_ends_the_wait(
+    executor: Executor, pg_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldWrite(executor, monkeypatch)
+    held.opened.set()
+    completer = executor.completer
+    assert completer is not None
+    # Longer than the test: only a full batch or a flush can end the wait.
+    completer.linger = 10 * DEADLINE
+    created = [_create(pg_sessions, _new(payload={"n": n})) for n in range(LINGER_BELOW + 1)]
+    for job in created[: LINGER_BELOW - 1]:
+        assert executor.run(job.id).action == "ran-succeeded"
+    assert completer.pending() == LINGER_BELOW - 1 and held.sizes == []
+    assert _job(pg_sessions, created[0].id).state is JobState.RUNNING
+    # The success that fills a batch ends the wait: all are written by one statement.
+    assert executor.run(created[LINGER_BELOW - 1].id).action == "ran-succeeded"
+    assert held.entered.wait(DEADLINE)
+    assert executor.run(created[LINGER_BELOW].id).action == "ran-succeeded"
+    # One alone would wait; a flush (a worker stopping, a test) writes it at once.
+    assert completer.flush(DEADLINE)
+    assert held.sizes == [LINGER_BELOW, 1] and completer.writes == 2
+    for job in created:
+        assert _job(pg_sessions, job.id).state is JobState.SUCCEEDED
+    assert events(pg_sessions, "succeeded") == LINGER_BELOW + 1
