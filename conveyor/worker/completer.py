@@ -34,8 +34,8 @@ log = logs.get(__name__)
 
 MAX_BATCH = 500
 # A write that finds fewer than this many successes waiting lingers for more.
-LINGER_BELOW = 8
-LINGER_SECONDS = 0.004
+LINGER_BELOW = 32
+LINGER_SECONDS = 0.01
 
 
 @dataclass(frozen=True, slots=True)
