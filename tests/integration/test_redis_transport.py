@@ -71,12 +71,12 @@ def test_what_a_consumer_held_unacked_goes_back_on_close(
     got: list[Message] = []
     channel = connection.channel()
     consumer = Consumer(channel, [QUEUE], callbacks=[lambda _body, m: got.append(m)])
-    consumer.qos(prefetch_count=4)
+    consumer.qos(prefetch_count=5)
     consumer.consume()
     connection.drain_events(timeout=5)
-    assert len(got) == 4
+    assert len(got) == 5
     got[0].ack()
-    # Nothing was written yet for these four: closing writes it, then restores the rest.
+    # Nothing was written yet for these five: closing writes it, then restores the rest.
     channel.close()
     client = redis.Redis.from_url(redis_url)
     assert client.llen("transport-test") == 9
