@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -120,9 +121,23 @@ def count_submitted(jobs: Iterable[Job]) -> None:
         JOBS_SUBMITTED.labels(job.task, job.queue).inc()
 
 
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, kept: the per-job metrics skip the label checks and lock
+    of prometheus-client's lookup after the first time (a pool child forked with some
+    keeps them; their values notice the new process themselves)."""
+    key = (id(metric), values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def count_finished(job: Job, state: str) -> None:
     """Count a job that reached the terminal `state` in this process."""
-    JOBS_FINISHED.labels(job.task, job.queue, state).inc()
+    labelled(JOBS_FINISHED, job.task, job.queue, state).inc()
 
 
 def registry_for_scrape() -> CollectorRegistry:

@@ -54,10 +54,10 @@ _T = TypeVar("_T")
 
 def observe_start(job: Job) -> None:
     """Count a claimed attempt; its queue wait when it is the job's first."""
-    metrics.JOBS_STARTED.labels(job.task, job.queue).inc()
+    metrics.labelled(metrics.JOBS_STARTED, job.task, job.queue).inc()
     if job.attempts == 1 and job.started_at is not None and job.scheduled_at is not None:
         wait = (job.started_at - job.scheduled_at).total_seconds()
-        metrics.JOB_QUEUE_WAIT_SECONDS.labels(job.queue).observe(max(0.0, wait))
+        metrics.labelled(metrics.JOB_QUEUE_WAIT_SECONDS, job.queue).observe(max(0.0, wait))
 
 
 class Executor:
@@ -143,12 +143,14 @@ class Executor:
                 payload = task_type.validate(job.payload)
                 result = task_type.handler(payload, RunContext(job, sessions, lost))
             except Exception as error:
-                metrics.JOB_RUN_SECONDS.labels(job.task).observe(time.perf_counter() - started)
+                metrics.labelled(metrics.JOB_RUN_SECONDS, job.task).observe(
+                    time.perf_counter() - started
+                )
                 if lost.is_set():
                     return self._lost(sessions, job, worker)
                 return self._failed(sessions, job, worker, error, lost)
             elapsed = time.perf_counter() - started
-            metrics.JOB_RUN_SECONDS.labels(job.task).observe(elapsed)
+            metrics.labelled(metrics.JOB_RUN_SECONDS, job.task).observe(elapsed)
             if self.completer is not None:
                 # The lease stays held (and renewed) until the completer has written
                 # the success; this thread is free for the next delivery.
