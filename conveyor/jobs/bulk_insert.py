@@ -101,9 +101,10 @@ _STATEMENT = (
 )
 
 
-# The same statement for a plain psycopg connection (`%(name)s` parameters), for callers
-# that record on a connection of their own, prepared once.
-PSYCOPG_SQL = re.sub(r"(?<!:):(\w+)", r"%(\1)s", _SQL)
+# The same statement for a plain psycopg connection, for callers that record on a
+# connection of their own, prepared once. Its parameters go in binary (`%(name)b`): the
+# columns' arrays of ids, numbers and times cost about a third less to send than as text.
+PSYCOPG_SQL = re.sub(r"(?<!:):(\w+)", r"%(\1)b", _SQL)
 
 
 def psycopg_params(new_jobs: Sequence[NewJob]) -> dict[str, Any]:
