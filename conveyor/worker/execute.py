@@ -115,8 +115,9 @@ class Executor:
             log.debug("delivery not run: %s", outcome.action)
             return outcome
         job = claim.job
-        with logs.bound(**job_context(job)):
-            return self._attempt(sessions, job, worker)
+        context = job_context(job)
+        with logs.bound(**context):
+            return self._attempt(sessions, job, worker, context)
 
     def _claim(self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str) -> Claim:
         """Claim on the fast path when it can; flow control needs a transaction around it."""
@@ -130,7 +131,9 @@ class Executor:
                 return Claim.claimed(job)
         return self._claimer.claim(sessions, job_id, worker)
 
-    def _attempt(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
+    def _attempt(
+        self, sessions: sessionmaker[Session], job: Job, worker: str, context: dict[str, Any]
+    ) -> Outcome:
         started = time.perf_counter()
         observe_start(job)
         log.debug("job started")
@@ -156,7 +159,7 @@ class Executor:
                 # the success; this thread is free for the next delivery.
                 self.leases.detach(job.id, token)
                 handed_over = True
-                self.completer.add(Success(job, worker, result, elapsed, job_context(job)))
+                self.completer.add(Success(job, worker, result, elapsed, context))
                 return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
             # The lease is still renewed while the outcome is written, so a write that
             # meets a passing database error can be tried again under it.
