@@ -38,41 +38,44 @@ def unacked(client: redis.Redis) -> tuple[int, int]:
     return client.hlen("unacked"), client.zcard("unacked_index")
 
 
+def consuming(conn: Connection, prefetch: int = 0) -> tuple[Channel, list[Message]]:
+    """A channel consuming QUEUE with this prefetch limit, and the messages it gets."""
+    got: list[Message] = []
+    channel = conn.channel()
+    assert isinstance(channel, Channel)
+    consumer = Consumer(channel, [QUEUE], callbacks=[lambda _body, m: got.append(m)])
+    if prefetch:
+        consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    return channel, got
+
+
 def test_one_turn_takes_what_is_waiting_up_to_the_prefetch_limit(
     connection: Connection, redis_url: str
 ) -> None:
     publish(connection, 20)
-    got: list[Message] = []
-    channel = connection.channel()
-    consumer = Consumer(channel, [QUEUE], callbacks=[lambda _body, m: got.append(m)])
-    consumer.qos(prefetch_count=5)
-    with consumer:
-        connection.drain_events(timeout=5)
-        # One BRPOP and one script call: the four others waiting came in the same turn.
-        assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
-        client = redis.Redis.from_url(redis_url)
-        assert client.llen("transport-test") == 15
-        assert isinstance(channel, Channel)
-        # The deliveries' entries are written once, before waiting for more.
-        channel.flush_acks()
-        assert unacked(client) == (5, 5)
-        for message in got:
-            message.ack()
-        channel.flush_acks()
-        assert unacked(client) == (0, 0)
-        connection.drain_events(timeout=5)
-        assert [m.payload["n"] for m in got[5:]] == [5, 6, 7, 8, 9]
+    channel, got = consuming(connection, prefetch=5)
+    connection.drain_events(timeout=5)
+    # One BRPOP and one script call: the four others waiting came in the same turn.
+    assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("transport-test") == 15
+    # The deliveries' entries are held, then written together in one round trip.
+    channel.flush_acks()
+    assert unacked(client) == (5, 5)
+    for message in got:
+        message.ack()
+    channel.flush_acks()
+    assert unacked(client) == (0, 0)
+    connection.drain_events(timeout=5)
+    assert [m.payload["n"] for m in got[5:]] == [5, 6, 7, 8, 9]
 
 
 def test_what_a_consumer_held_unacked_goes_back_on_close(
     connection: Connection, redis_url: str
 ) -> None:
     publish(connection, 10)
-    got: list[Message] = []
-    channel = connection.channel()
-    consumer = Consumer(channel, [QUEUE], callbacks=[lambda _body, m: got.append(m)])
-    consumer.qos(prefetch_count=5)
-    consumer.consume()
+    channel, got = consuming(connection, prefetch=5)
     connection.drain_events(timeout=5)
     assert len(got) == 5
     got[0].ack()
@@ -92,14 +95,10 @@ def test_an_unacked_delivery_is_restored_after_the_visibility_timeout(
         redis_url, transport=TRANSPORT, transport_options={"visibility_timeout": 1}
     ) as conn:
         publish(conn, 1)
-        got: list[Message] = []
-        channel = conn.channel()
-        consumer = Consumer(channel, [QUEUE], callbacks=[lambda _body, m: got.append(m)])
-        consumer.consume()
+        channel, got = consuming(conn)
         conn.drain_events(timeout=5)
         assert len(got) == 1
         client = redis.Redis.from_url(redis_url)
-        assert isinstance(channel, Channel)
         channel.flush_acks()
         assert unacked(client) == (1, 1)
         # As if this consumer had died holding it: the entry is older than the timeout.
