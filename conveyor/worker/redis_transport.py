@@ -10,11 +10,12 @@ Three changes, each on kombu's own classes:
 - The bookkeeping of unacknowledged messages (kombu's ack emulation: a hash of the
   messages a consumer holds and a sorted set of when it took them) is written at most
   every FLUSH_SECONDS, for everything delivered and acknowledged since, instead of one
-  MULTI/EXEC round trip per delivery and another per ack. A
-  message taken but not yet entered there when the worker dies is not restored by
-  Redis; its job is still `queued` in the store, and the sweep of lost messages has the
-  relay publish it again. An ack not yet written leaves an entry that is restored after
-  the visibility timeout; the store then drops the second delivery of a finished job.
+  MULTI/EXEC round trip per delivery and another per ack. A message taken but not yet
+  entered there when the worker dies is not restored by Redis: its job is still `queued`
+  in the store, and the sweep of lost messages has the relay publish it again (or it was
+  claimed, and rescue takes it back when the lease lapses). An ack not yet written leaves
+  an entry that is restored after the visibility timeout; the store then drops the second
+  delivery of a finished job.
 - When BRPOP hands over a message and the consumer may hold several more (its prefetch
   limit), the messages already waiting are taken in the same turn, by one script, in
   BRPOP's order of queues and priorities, instead of one BRPOP round trip each.
