@@ -115,12 +115,6 @@ SCHEDULE_FIRED = Counter(
 )
 
 
-def count_submitted(jobs: Iterable[Job]) -> None:
-    """Count newly recorded jobs."""
-    for job in jobs:
-        JOBS_SUBMITTED.labels(job.task, job.queue).inc()
-
-
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
@@ -133,6 +127,12 @@ def labelled(metric: Any, *values: str) -> Any:
     if child is None:
         child = _children[key] = metric.labels(*values)
     return child
+
+
+def count_submitted(jobs: Iterable[Job]) -> None:
+    """Count newly recorded jobs."""
+    for job in jobs:
+        labelled(JOBS_SUBMITTED, job.task, job.queue).inc()
 
 
 def count_finished(job: Job, state: str) -> None:
