@@ -65,7 +65,7 @@ return taken
 
 
 class QoS(kombu_redis.QoS):
-    """Ack emulation whose Redis writes wait for the end of the event loop's turn."""
+    """Ack emulation whose Redis writes are held and written together when due."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
