@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 from conveyor.cli.errors import CommandError, fail
@@ -35,44 +36,21 @@ def api(settings: Settings) -> None:
 
 
 def worker(settings: Settings, queues: list[str], concurrency: int | None) -> None:
-    """A Celery worker consuming `queues`, with Celery's own signal handling."""
+    """A Celery worker consuming `queues`, with Celery's own signal handling.
+
+    The worker is built directly, not through Celery's command line: that would load
+    click, its REPL and every installed plugin command (Flower's among them), some 11 MB
+    that the main process and each pool child forked from it would hold for nothing.
+    """
     if settings.embedded:
         fail(
             "a separate worker needs CONVEYOR_BROKER_URL (redis:// or amqp://); "
             "without one, `conveyor up` runs everything in one process"
         )
     platform = build_platform(settings)
-    name = "-".join(queues)
-    # Several queues share one worker: the first one's pool settings apply.
-    pool = queues[0]
-    processes = concurrency or settings.pool_concurrency(pool)
-    argv = [
-        "worker",
-        "--queues",
-        ",".join(queues),
-        "--concurrency",
-        str(processes),
-        "--prefetch-multiplier",
-        str(settings.pool_prefetch(pool)),
-        "--pool",
-        settings.worker_pool_class,
-        "--hostname",
-        # Unique per process: two workers of one pool on a host must not share a node name.
-        f"{name}-{os.getpid()}@%h",
-        "--loglevel",
-        settings.log_level,
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    autoscale_min = settings.pool_autoscale_min(pool)
-    if autoscale_min is not None:
-        # Between min and max processes; a --concurrency below the minimum becomes it.
-        argv.append(f"--autoscale={processes},{min(autoscale_min, processes)}")
-    cap = settings.pool_time_limit(pool)
+    options = worker_options(settings, queues, concurrency)
+    cap = settings.pool_time_limit(queues[0])
     if cap is not None:
-        # Tasks without limits of their own take the worker's; job messages carry theirs.
-        argv += ["--soft-time-limit", str(cap)]
-        argv += ["--time-limit", str(cap + timecap.HARD_LIMIT_GRACE_SECONDS)]
         platform.celery.tasks[RUN_TASK].Request = timecap.capped_request_class(cap)
     tracing.setup(settings.otlp_endpoint, "conveyor-worker")
     serve_metrics(settings)
@@ -80,7 +58,45 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         metrics.WORKER_CONSUMING.labels(queue).set(1)
     if settings.worker_pool_class == "prefork":
         prefork.freeze_heap_before_fork()
-    platform.celery.worker_main(argv)
+    celery_worker = platform.celery.Worker(**options)
+    celery_worker.start()
+    if celery_worker.exitcode:
+        raise SystemExit(celery_worker.exitcode)
+
+
+def worker_options(
+    settings: Settings, queues: list[str], concurrency: int | None
+) -> dict[str, Any]:
+    """The keyword arguments of Celery's worker, as `celery worker` would build them."""
+    from celery import concurrency as pools
+    from celery.utils.log import mlevel
+    from celery.utils.nodenames import default_nodename, host_format
+
+    name = "-".join(queues)
+    # Several queues share one worker: the first one's pool settings apply.
+    pool = queues[0]
+    processes = concurrency or settings.pool_concurrency(pool)
+    options: dict[str, Any] = {
+        "queues": list(queues),
+        "concurrency": processes,
+        "prefetch_multiplier": settings.pool_prefetch(pool),
+        "pool_cls": pools.get_implementation(settings.worker_pool_class),
+        # Unique per process: two workers of one pool on a host must not share a node name.
+        "hostname": host_format(default_nodename(f"{name}-{os.getpid()}@%h")),
+        "loglevel": mlevel(settings.log_level.upper()),
+        "without_mingle": True,
+        "without_gossip": True,
+    }
+    autoscale_min = settings.pool_autoscale_min(pool)
+    if autoscale_min is not None:
+        # Between min and max processes; a --concurrency below the minimum becomes it.
+        options["autoscale"] = (processes, min(autoscale_min, processes))
+    cap = settings.pool_time_limit(pool)
+    if cap is not None:
+        # Tasks without limits of their own take the worker's; job messages carry theirs.
+        options["soft_time_limit"] = cap
+        options["time_limit"] = cap + timecap.HARD_LIMIT_GRACE_SECONDS
+    return options
 
 
 def beat(settings: Settings) -> None:

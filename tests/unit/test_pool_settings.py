@@ -1,13 +1,15 @@
-"""Per-pool worker settings: prefetch, autoscaling and run-time caps, and the worker's argv."""
+"""Per-pool worker settings: prefetch, autoscaling and run-time caps, and the worker's options."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery.concurrency.prefork import TaskPool
 
 from conveyor.cli import services
 from conveyor.config import RUN_TASK
@@ -61,15 +63,26 @@ def test_autoscale_needs_prefork(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
-def _worker_argv(
+def _worker(
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings,
     queues: list[str],
     concurrency: int | None = None,
-) -> tuple[list[str], Any]:
-    captured: list[list[str]] = []
+) -> tuple[dict[str, Any], Any]:
+    """The options `conveyor worker` built its Celery worker with, and its run task."""
+    captured: list[dict[str, Any]] = []
+
+    class Worker:
+        exitcode = 0
+
+        def __init__(self, **options: Any) -> None:
+            captured.append(options)
+
+        def start(self) -> None:
+            pass
+
     run_task = SimpleNamespace(Request="celery.worker.request:Request")
-    celery = SimpleNamespace(tasks={RUN_TASK: run_task}, worker_main=captured.append)
+    celery = SimpleNamespace(tasks={RUN_TASK: run_task}, Worker=Worker)
     monkeypatch.setattr(
         services, "build_platform", lambda _settings: SimpleNamespace(celery=celery)
     )
@@ -78,27 +91,22 @@ def _worker_argv(
     return captured[0], run_task
 
 
-def _flag(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == name:
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def test_worker_uses_the_pool_prefetch_and_a_fixed_pool_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(broker_url=REDIS)
-    argv, run_task = _worker_argv(monkeypatch, settings, ["high"])
-    assert _flag(argv, "--concurrency") == "2"
-    assert _flag(argv, "--prefetch-multiplier") == "1"
-    assert _flag(argv, "--autoscale") is None
-    assert _flag(argv, "--time-limit") is None
+    options, run_task = _worker(monkeypatch, settings, ["high"])
+    assert options["queues"] == ["high"]
+    assert (options["concurrency"], options["prefetch_multiplier"]) == (2, 1)
+    assert options["pool_cls"] is TaskPool
+    assert options["hostname"].startswith(f"high-{os.getpid()}@")
+    assert "%" not in options["hostname"]
+    assert options["loglevel"] == logging.INFO
+    assert options["without_mingle"] and options["without_gossip"]
+    assert "autoscale" not in options and "time_limit" not in options
     assert run_task.Request == "celery.worker.request:Request"
-    argv, _ = _worker_argv(monkeypatch, settings, ["default"], concurrency=5)
-    assert (_flag(argv, "--concurrency"), _flag(argv, "--prefetch-multiplier")) == ("5", "4")
+    options, _ = _worker(monkeypatch, settings, ["default"], concurrency=5)
+    assert (options["concurrency"], options["prefetch_multiplier"]) == (5, 4)
 
 
 def test_worker_autoscales_and_caps_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,14 +116,36 @@ def test_worker_autoscales_and_caps_when_set(monkeypatch: pytest.MonkeyPatch) ->
         low_autoscale_min=2,
         low_time_limit_seconds=60,
     )
-    argv, run_task = _worker_argv(monkeypatch, settings, ["low"])
-    assert _flag(argv, "--autoscale") == "8,2"
-    assert _flag(argv, "--soft-time-limit") == "60.0"
-    assert _flag(argv, "--time-limit") == "70.0"
+    options, run_task = _worker(monkeypatch, settings, ["low"])
+    # Celery's order: the most processes, then the fewest.
+    assert options["autoscale"] == (8, 2)
+    assert (options["soft_time_limit"], options["time_limit"]) == (60.0, 70.0)
     assert issubclass(run_task.Request, timecap.Request)
     # An explicit --concurrency below the minimum lowers the minimum with it.
-    argv, _ = _worker_argv(monkeypatch, settings, ["low"], concurrency=1)
-    assert _flag(argv, "--autoscale") == "1,1"
+    options, _ = _worker(monkeypatch, settings, ["low"], concurrency=1)
+    assert options["autoscale"] == (1, 1)
+
+
+def test_a_worker_that_celery_stops_with_an_error_exits_with_its_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Failing:
+        exitcode = 1
+
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+    celery = SimpleNamespace(tasks={}, Worker=Failing)
+    monkeypatch.setattr(
+        services, "build_platform", lambda _settings: SimpleNamespace(celery=celery)
+    )
+    settings = Settings(broker_url=REDIS, metrics_port=0)
+    with pytest.raises(SystemExit) as stopped:
+        services.worker(settings, ["default"], None)
+    assert stopped.value.code == 1
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """What a worker process loads: the pool children fork from it and hold all of it too.
 
 Each case runs in a fresh interpreter, since this one has long since imported everything.
-`conveyor worker` runs there up to Celery's `worker_main`, which is replaced by a stand-in
-that starts the worker's hooks (worker_init, sent before the pool forks) and reports the
+`conveyor worker` runs there as far as Celery's worker, built for real (its hooks, worker_init
+among them, run before the pool forks), whose start is replaced by a stand-in that reports the
 loaded modules; the network is refused there, as everywhere in the unit tier.
 """
 
@@ -24,6 +24,8 @@ API_STACK = ("fastapi", "starlette", "uvicorn")
 MIGRATIONS = ("alembic", "mako")
 TELEMETRY_SDK = ("opentelemetry.sdk", "opentelemetry.exporter")
 HTTP_CLIENT = ("httpx", "httpcore")
+# Celery's command line: click's REPL and every installed plugin command, Flower's among them.
+CELERY_CLI = ("celery.bin", "click_repl", "prompt_toolkit", "flower", "tornado")
 
 PRELUDE = """
 import gc, json, socket, sys
@@ -40,14 +42,12 @@ def report(**extra):
 """
 
 RUN_WORKER = """
-import celery
-from celery.signals import worker_init
+from celery.apps.worker import Worker
 
-def worker_main(self, argv=None):
-    worker_init.send(sender=None)
-    report(argv=argv, frozen=gc.get_freeze_count())
+def start(self):
+    report(queues=sorted(self.app.amqp.queues), frozen=gc.get_freeze_count())
 
-celery.Celery.worker_main = worker_main
+Worker.start = start
 from conveyor.cli.main import main
 
 main(["worker", "--pool", "default"])
@@ -97,10 +97,16 @@ def default_worker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_a_worker_loads_no_api_migrations_telemetry_sdk_or_http_client(
     default_worker: dict[str, Any],
 ) -> None:
-    assert default_worker["argv"][:3] == ["worker", "--queues", "default"]
+    assert "default" in default_worker["queues"]
     modules = default_worker["modules"]
     assert "conveyor.worker.app" in modules and "sqlalchemy" in modules
     assert loaded(modules, API_STACK + MIGRATIONS + TELEMETRY_SDK + HTTP_CLIENT) == []
+
+
+def test_a_worker_starts_without_celerys_command_line(default_worker: dict[str, Any]) -> None:
+    modules = default_worker["modules"]
+    assert "celery.worker.consumer" in modules and "celery.apps.worker" in modules
+    assert loaded(modules, CELERY_CLI) == []
 
 
 def test_a_prefork_worker_freezes_its_heap_before_the_pool_forks(
