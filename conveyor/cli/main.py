@@ -168,9 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from conveyor.observability import sdk_guard
 
         sdk_guard.import_redis_without_sdk()
-    from sqlalchemy.exc import SQLAlchemyError
-
     from conveyor.cli.wiring import setup_logging
+    from conveyor.lazy import is_sqlalchemy_error
 
     setup_logging(settings, service=f"conveyor-{args.command}")
 
@@ -181,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_command(settings, args)
     except CommandError as error:
         fail(str(error), code=1)
-    except SQLAlchemyError as error:
+    except Exception as error:
+        # SQLAlchemy is loaded only by what uses the store (a worker may never need it).
+        if not is_sqlalchemy_error(error):
+            raise
         fail(database_problem(error), code=1)
     except KeyboardInterrupt:
         sys.exit(130)

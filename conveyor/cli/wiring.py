@@ -6,12 +6,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from celery import Celery
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.cli.errors import CommandError
 from conveyor.config import Settings
-from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import bounded_connection, queue_depths
@@ -19,6 +16,9 @@ from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
     from conveyor.api.state import ApiState
 
 
@@ -81,6 +81,8 @@ def build_platform(settings: Settings, *, pool_size: int = 5) -> Platform:
 
 def engine_for(settings: Settings) -> Engine:
     """A fresh engine on the configured database."""
+    from conveyor.jobs.db import make_engine
+
     return make_engine(settings.database_url)
 
 
@@ -100,4 +102,6 @@ def run_migrations(settings: Settings) -> None:
 
 def sessions_for(settings: Settings) -> sessionmaker[Session]:
     """A session factory on the configured database, for one-shot commands."""
+    from conveyor.jobs.db import make_session_factory
+
     return make_session_factory(engine_for(settings))

@@ -13,18 +13,18 @@ instead of reading every column (payloads included) back and converting it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
-from conveyor.jobs.tables import UTCDateTime, jobs
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql.selectable import TextualSelect
 
 # (column, array type) for every value a NewJob brings; the rest are constants below.
 _GIVEN = (
@@ -88,17 +88,28 @@ WITH given AS (
 SELECT {_RESULT} FROM created JOIN given USING (id) ORDER BY given.ordinal
 """
 
-# Times go through the table's type, which refuses naive ones as the ORM path does, and
-# the stamp comes back as that type returns it.
-_STATEMENT = (
-    text(_SQL)
-    .bindparams(
-        bindparam("now", type_=UTCDateTime()),
-        bindparam("run_at", type_=ARRAY(UTCDateTime())),
-        bindparam("schedule_tick", type_=ARRAY(UTCDateTime())),
+
+@functools.cache
+def _statement() -> TextualSelect:
+    """The statement for a session. Times go through the table's type, which refuses naive
+    ones as the ORM path does, and the stamp comes back as that type returns it.
+
+    Built on first use: the fast path records with PSYCOPG_SQL and loads no SQLAlchemy.
+    """
+    from sqlalchemy import bindparam, text
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    from conveyor.jobs.tables import UTCDateTime, jobs
+
+    return (
+        text(_SQL)
+        .bindparams(
+            bindparam("now", type_=UTCDateTime()),
+            bindparam("run_at", type_=ARRAY(UTCDateTime())),
+            bindparam("schedule_tick", type_=ARRAY(UTCDateTime())),
+        )
+        .columns(jobs.c.state, jobs.c.created_at)
     )
-    .columns(jobs.c.state, jobs.c.created_at)
-)
 
 
 # The same statement for a plain psycopg connection, for callers that record on a
@@ -172,7 +183,7 @@ def insert_jobs(
     if not new_jobs:
         return []
     params = {**_columns(new_jobs), "now": now}
-    rows = session.execute(_STATEMENT, params).all()
+    rows = session.execute(_statement(), params).all()
     return recorded(new_jobs, [(row[0], row[1]) for row in rows])
 
 

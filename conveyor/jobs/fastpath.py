@@ -19,7 +19,6 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy.engine import make_url
 
 from conveyor.jobs import bulk_insert
 from conveyor.jobs.models import Job, NewJob
@@ -88,6 +87,25 @@ WITH done AS (
 SELECT id, lease_token FROM moved
 """
 
+# One renewal round of a process: the leases of its runs (still running under the token
+# it holds), and the stop windows of runs told to stop that are still alive (see
+# store.renew_leases and store.extend_stop_windows, which write the same values).
+RENEW_SQL = """
+WITH renewed AS (
+    UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8)
+    FROM unnest(%(held_ids)s::uuid[], %(held_tokens)s::bigint[]) AS held(id, token)
+    WHERE jobs.id = held.id AND jobs.lease_token = held.token
+        AND (jobs.state = 'running') IS TRUE
+    RETURNING jobs.id, jobs.lease_token
+), stopping AS (
+    UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8)
+    FROM unnest(%(stop_ids)s::uuid[], %(stop_tokens)s::bigint[]) AS stop(id, token)
+    WHERE jobs.id = stop.id AND jobs.lease_token = stop.token
+        AND (jobs.state <> 'running') IS TRUE AND jobs.lease_expires_at IS NOT NULL
+)
+SELECT id, lease_token FROM renewed
+"""
+
 
 def claim_params(
     job_id: uuid.UUID,
@@ -116,12 +134,19 @@ def succeed_params(
     return {"id": job_id, "worker": worker, "token": token, "result": Jsonb(result), "now": now}
 
 
+def libpq_url(database_url: str) -> str:
+    """The libpq URI of a SQLAlchemy PostgreSQL URL (its `+driver` dropped)."""
+    scheme, separator, rest = database_url.partition("://")
+    if not separator or scheme.partition("+")[0] != "postgresql":
+        raise ValueError(f"not a PostgreSQL URL: {scheme}://...")
+    return f"postgresql://{rest}"
+
+
 class FastPath:
     """One autocommit connection per process (and thread), opened on first use."""
 
     def __init__(self, database_url: str) -> None:
-        url = make_url(database_url).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = libpq_url(database_url)
         self._local = threading.local()
 
     def _connection(self, name: str) -> psycopg.Connection[dict[str, Any]]:
@@ -138,10 +163,13 @@ class FastPath:
                 # Every statement on these connections finds its rows by primary key;
                 # a generic plan made while the table was small must not be a scan.
                 conn.execute("SET enable_seqscan = off")
-            if name == "claims":
+            if name in ("claims", "leases"):
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
-                # delivered again. Finishes stay durable.
+                # delivered again. Nor need a renewal: one lost leaves the lease the
+                # previous round gave, at least two renewal intervals long, and the next
+                # round renews it (or, failing, stops the run before it lapses).
+                # Finishes stay durable.
                 conn.execute("SET synchronous_commit = off")
             setattr(self._local, name, conn)
         return conn
@@ -150,7 +178,7 @@ class FastPath:
         """Close this thread's connections; the next call opens new ones."""
         if getattr(self._local, "pid", None) != os.getpid():
             return
-        for name in ("claims", "finishes", "records"):
+        for name in ("claims", "finishes", "records", "leases"):
             conn = getattr(self._local, name, None)
             if conn is not None:
                 conn.close()
@@ -209,6 +237,29 @@ class FastPath:
             return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
         except psycopg.OperationalError:
             self._local.finishes = None
+            raise
+
+    def renew(
+        self,
+        held: Sequence[tuple[uuid.UUID, int]],
+        stopping: Sequence[tuple[uuid.UUID, int]],
+        *,
+        lease_seconds: float,
+    ) -> set[tuple[uuid.UUID, int]]:
+        """Renew the leases of `held` runs and the stop windows of `stopping` ones, in one
+        statement; the held runs still held (see RENEW_SQL)."""
+        params = {
+            "held_ids": [job_id for job_id, _ in held],
+            "held_tokens": [token for _, token in held],
+            "stop_ids": [job_id for job_id, _ in stopping],
+            "stop_tokens": [token for _, token in stopping],
+            "lease_seconds": float(lease_seconds),
+        }
+        try:
+            cursor = self._connection("leases").execute(RENEW_SQL, params, prepare=True)
+            return {(row["id"], int(row["lease_token"])) for row in cursor.fetchall()}
+        except psycopg.OperationalError:
+            self._local.leases = None
             raise
 
     def succeed(self, job_id: uuid.UUID, *, worker: str, token: int, result: Any) -> bool:

@@ -6,11 +6,17 @@ import datetime as dt
 import functools
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-from sqlalchemy import RowMapping
+from typing import TYPE_CHECKING, Any
 
 from conveyor.jobs.states import JobState
+
+if TYPE_CHECKING:
+    from sqlalchemy import RowMapping
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,8 @@ import os
 import signal
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from celery import Celery, Task
 from celery.signals import (
     setup_logging,
@@ -19,15 +18,14 @@ from celery.signals import (
     worker_shutting_down,
 )
 from opentelemetry.trace import SpanKind
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from conveyor import lazy
 from conveyor.config import (
     RUN_TASK,
     Settings,
     celery_config,
     is_amqp,
 )
-from conveyor.jobs import outbox
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job
 from conveyor.observability import logs, tracing
@@ -35,7 +33,6 @@ from conveyor.tasks import registry
 from conveyor.worker import maintenance
 from conveyor.worker.execute import Executor
 from conveyor.worker.leases import LeaseKeeper
-from conveyor.worker.limiter import limiter_for
 from conveyor.worker.maintenance import (
     aggregate_once,
     cleanup_once,
@@ -45,6 +42,13 @@ from conveyor.worker.maintenance import (
 )
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle, worker_name
+
+if TYPE_CHECKING:
+    from conveyor.jobs import outbox
+else:
+    # SQLAlchemy stays out of a worker until a job needs more than the fast path: its
+    # pool children fork from this process and hold what it loaded (see conveyor.lazy).
+    outbox = lazy.module("conveyor.jobs.outbox")
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,19 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
     handle = store_handle or StoreHandle(settings.database_url)
     # RabbitMQ quorum queues hold no delayed messages: every wait stays in the store.
     publisher = CeleryPublisher(app, max_countdown=0.0 if is_amqp(settings.broker_url) else 30.0)
+    fast_path = FastPath(settings.database_url) if not settings.is_sqlite else None
     leases = LeaseKeeper(
         sessions=handle.sessions,
         worker=worker_name,
         lease_seconds=settings.lease_seconds,
         interval=min(settings.heartbeat_seconds, settings.lease_seconds / 3),
+        fast_path=fast_path,
     )
+    limiter = None
+    if settings.limits:
+        from conveyor.worker.limiter import limiter_for
+
+        limiter = limiter_for(settings)
     executor = Executor(
         sessions=handle.sessions,
         registry=registry,
@@ -84,8 +95,8 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         reschedule=lambda job: _publish_one(handle, publisher, job),
         leases=leases,
         limits=settings.limits,
-        fast_path=FastPath(settings.database_url) if not settings.is_sqlite else None,
-        limiter=limiter_for(settings) if settings.limits else None,
+        fast_path=fast_path,
+        limiter=limiter,
         rate_horizon=settings.rate_horizon_seconds,
         batch_successes=True,
     )
@@ -151,7 +162,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
             ):
                 outcome = executor.run(parsed)
                 span.set_attribute("conveyor.outcome", outcome.action)
-        except (OperationalError, InterfaceError, psycopg.OperationalError) as error:
+        except lazy.transient_db_errors() as error:
             # The store is away: send the message round again rather than lose it.
             retries = self.request.retries
             log.warning("job store unavailable for job %s (%s); retrying", parsed, error)

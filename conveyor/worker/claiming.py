@@ -15,17 +15,26 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
-
+from conveyor import lazy
 from conveyor.config import TaskLimits
-from conveyor.jobs import store
-from conveyor.jobs.db import db_now
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
 from conveyor.observability import logs, metrics
 from conveyor.worker.context import Outcome, job_context
-from conveyor.worker.limiter import Limiter, limit_key
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from conveyor.jobs import db, store
+    from conveyor.worker import limiter as limiting
+    from conveyor.worker.limiter import Limiter
+else:
+    # Loaded by the first claim that needs a transaction (see conveyor.lazy).
+    db = lazy.module("conveyor.jobs.db")
+    store = lazy.module("conveyor.jobs.store")
+    limiting = lazy.module("conveyor.worker.limiter")
 
 log = logs.get(__name__)
 
@@ -239,8 +248,8 @@ class Claimer:
         spec = self._limits.get(current.task)
         if spec is None:
             return Gate(GateKind.OPEN)
-        key = limit_key(spec, current.payload, current.tags)
-        now = db_now(session)
+        key = limiting.limit_key(spec, current.payload, current.tags)
+        now = db.db_now(session)
         if spec.concurrency and key is not None:
             store.lock_limit_key(session, f"{current.task}|{key}")
             if store.count_running(session, task=current.task, limit_key=key) >= spec.concurrency:

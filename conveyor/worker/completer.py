@@ -58,7 +58,7 @@ class Completer:
         leases: LeaseKeeper,
         *,
         lost: Callable[[Job, str], object],
-        transient: tuple[type[BaseException], ...],
+        transient: Callable[[], tuple[type[BaseException], ...]],
         max_batch: int = MAX_BATCH,
         linger: float = LINGER_SECONDS,
     ) -> None:
@@ -186,7 +186,7 @@ class Completer:
         while True:
             try:
                 return self._fast_path.succeed_many(worker, runs)
-            except self._transient as error:
+            except self._transient() as error:
                 log.warning("could not record successes, trying again: %s", error)
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)

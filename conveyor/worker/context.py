@@ -6,21 +6,16 @@ import hashlib
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import psycopg
-from sqlalchemy import update
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING, Any
 
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
-from conveyor.jobs.tables import jobs as jobs_table
 from conveyor.observability import tracing
 
-# Errors of a database that is briefly away (restart, failover, dropped connection).
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError)
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 @dataclass
@@ -28,7 +23,7 @@ class RunContext:
     """The TaskContext handed to handlers: job identity, cancellation, progress."""
 
     job: Job
-    sessions: sessionmaker[Session]
+    sessions: Callable[[], sessionmaker[Session]]  # this process's, made on first use
     lost: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -47,7 +42,11 @@ class RunContext:
 
     def set_progress(self, progress: Any) -> None:
         """Store progress on the job row while this attempt holds it."""
-        with self.sessions.begin() as session:
+        from sqlalchemy import update
+
+        from conveyor.jobs.tables import jobs as jobs_table
+
+        with self.sessions().begin() as session:
             session.execute(
                 update(jobs_table)
                 .where(

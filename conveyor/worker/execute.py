@@ -10,13 +10,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor import lazy
 from conveyor.config import TaskLimits
-from conveyor.jobs import store
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
@@ -25,18 +24,19 @@ from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
 from conveyor.worker.claiming import Claim, Claimer, ClaimKind
 from conveyor.worker.completer import Completer, Success
-from conveyor.worker.context import (
-    TRANSIENT_DB_ERRORS,
-    Outcome,
-    RunContext,
-    describe_error,
-    job_context,
-)
+from conveyor.worker.context import Outcome, RunContext, describe_error, job_context
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
-from conveyor.worker.limiter import Limiter
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from conveyor.jobs import store
+    from conveyor.worker.limiter import Limiter
+else:
+    # Loaded by the first outcome other than a success on the fast path (conveyor.lazy).
+    store = lazy.module("conveyor.jobs.store")
 
 __all__ = [
-    "TRANSIENT_DB_ERRORS",
     "Executor",
     "Outcome",
     "Reschedule",
@@ -97,8 +97,8 @@ class Executor:
             self.completer = Completer(
                 fast_path,
                 leases,
-                lost=lambda job, worker: self._lost(self._sessions(), job, worker),
-                transient=TRANSIENT_DB_ERRORS,
+                lost=self._lost,
+                transient=lazy.transient_db_errors,
             )
 
     def run(self, job_id: uuid.UUID) -> Outcome:
@@ -107,9 +107,9 @@ class Executor:
             return self._run(job_id)
 
     def _run(self, job_id: uuid.UUID) -> Outcome:
-        sessions = self._sessions()
+        # The session factory (and SQLAlchemy with it) is made only when a run needs it.
         worker = self._worker()
-        claim = self._claim(sessions, job_id, worker)
+        claim = self._claim(job_id, worker)
         if claim.kind is not ClaimKind.CLAIMED:
             outcome = claim.outcome()
             log.debug("delivery not run: %s", outcome.action)
@@ -117,9 +117,9 @@ class Executor:
         job = claim.job
         context = job_context(job)
         with logs.bound(**context):
-            return self._attempt(sessions, job, worker, context)
+            return self._attempt(job, worker, context)
 
-    def _claim(self, sessions: sessionmaker[Session], job_id: uuid.UUID, worker: str) -> Claim:
+    def _claim(self, job_id: uuid.UUID, worker: str) -> Claim:
         """Claim on the fast path when it can; flow control needs a transaction around it."""
         if self._fast_path is not None:
             # Task types with limits are left to the claimer; the rest keep the
@@ -129,11 +129,9 @@ class Executor:
             )
             if job is not None:
                 return Claim.claimed(job)
-        return self._claimer.claim(sessions, job_id, worker)
+        return self._claimer.claim(self._sessions(), job_id, worker)
 
-    def _attempt(
-        self, sessions: sessionmaker[Session], job: Job, worker: str, context: dict[str, Any]
-    ) -> Outcome:
+    def _attempt(self, job: Job, worker: str, context: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
         observe_start(job)
         log.debug("job started")
@@ -144,14 +142,14 @@ class Executor:
             try:
                 task_type = self._registry.get(job.task)
                 payload = task_type.validate(job.payload)
-                result = task_type.handler(payload, RunContext(job, sessions, lost))
+                result = task_type.handler(payload, RunContext(job, self._sessions, lost))
             except Exception as error:
                 metrics.labelled(metrics.JOB_RUN_SECONDS, job.task).observe(
                     time.perf_counter() - started
                 )
                 if lost.is_set():
-                    return self._lost(sessions, job, worker)
-                return self._failed(sessions, job, worker, error, lost)
+                    return self._lost(job, worker)
+                return self._failed(job, worker, error, lost)
             elapsed = time.perf_counter() - started
             metrics.labelled(metrics.JOB_RUN_SECONDS, job.task).observe(elapsed)
             if self.completer is not None:
@@ -163,25 +161,25 @@ class Executor:
                 return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
             # The lease is still renewed while the outcome is written, so a write that
             # meets a passing database error can be tried again under it.
-            held = self._write(lost, lambda: self._succeed(sessions, job, worker, result))
+            held = self._write(lost, lambda: self._succeed(job, worker, result))
         except JobCancelled:
-            return self._lost(sessions, job, worker)
+            return self._lost(job, worker)
         finally:
             if not handed_over:
                 self.leases.drop(job.id, token)
         if not held:
             log.info("job result not recorded: it was cancelled or taken away")
-            return self._lost(sessions, job, worker)
+            return self._lost(job, worker)
         metrics.count_finished(job, JobState.SUCCEEDED.value)
         log.info("job succeeded", run_seconds=round(elapsed, 6))
         return Outcome(job.id, "ran-succeeded", JobState.SUCCEEDED)
 
-    def _succeed(self, sessions: sessionmaker[Session], job: Job, worker: str, result: Any) -> bool:
+    def _succeed(self, job: Job, worker: str, result: Any) -> bool:
         if self._fast_path is not None:
             return self._fast_path.succeed(
                 job.id, worker=worker, token=job.lease_token, result=result
             )
-        with sessions.begin() as session:
+        with self._sessions().begin() as session:
             done = store.succeed(
                 session, job.id, worker=worker, token=job.lease_token, result=result
             )
@@ -197,20 +195,21 @@ class Executor:
         while True:
             try:
                 return write()
-            except TRANSIENT_DB_ERRORS as error:
+            except lazy.transient_db_errors() as error:
                 if lost.is_set():
                     raise
                 log.warning("could not record the outcome, trying again: %s", error)
                 lost.wait(pause)
                 pause = min(pause * 2, 1.0)
 
-    def _lost(self, sessions: sessionmaker[Session], job: Job, worker: str) -> Outcome:
+    def _lost(self, job: Job, worker: str) -> Outcome:
         """The run was taken away (cancelled or rescued) and has ended: say so."""
         log.info("job stopped: it was cancelled or taken away")
+        sessions = self._sessions()
         try:
             with sessions.begin() as session:
                 after = store.stopped(session, job.id, worker=worker, token=job.lease_token)
-        except TRANSIENT_DB_ERRORS as error:
+        except lazy.transient_db_errors() as error:
             # Its stop window ends with the lease; a retry waiting for it then goes ahead.
             log.warning("could not record that the run stopped: %s", error)
         else:
@@ -220,13 +219,9 @@ class Executor:
         return Outcome(job.id, "ran-lost", self._state(sessions, job.id))
 
     def _failed(
-        self,
-        sessions: sessionmaker[Session],
-        job: Job,
-        worker: str,
-        error: BaseException,
-        lost: threading.Event,
+        self, job: Job, worker: str, error: BaseException, lost: threading.Event
     ) -> Outcome:
+        sessions = self._sessions()
         described = describe_error(error)
         permanent = isinstance(error, PermanentError | UnknownTask | ValidationError)
         task_type = self._registry.get(job.task) if job.task in self._registry else None
@@ -239,7 +234,7 @@ class Executor:
                 lambda: self._fail_retry(sessions, job, worker, described, delay),
             )
             if waiting is None:
-                return self._lost(sessions, job, worker)
+                return self._lost(job, worker)
             metrics.JOBS_RETRIED.labels(job.task).inc()
             log.warning(
                 "job failed; retrying",
@@ -252,7 +247,7 @@ class Executor:
             return Outcome(job.id, "ran-retrying", JobState.RETRYING, delay)
         gone = self._write(lost, lambda: self._dead(sessions, job, worker, described))
         if gone is None:
-            return self._lost(sessions, job, worker)
+            return self._lost(job, worker)
         metrics.count_finished(job, JobState.DEAD.value)
         log.error("job dead", error_type=described.type, error=described.message)
         return Outcome(job.id, "ran-dead", JobState.DEAD)

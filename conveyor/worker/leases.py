@@ -20,10 +20,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
+from conveyor import lazy
 
-from conveyor.jobs import store
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from conveyor.jobs import store
+    from conveyor.jobs.fastpath import FastPath
+else:
+    # On PostgreSQL the renewals go on the fast path and never load it (conveyor.lazy).
+    store = lazy.module("conveyor.jobs.store")
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,10 @@ class LeaseKeeper:
         interval: float,
         stop_grace: float = 2.0,
         kill_process: bool = False,
+        fast_path: FastPath | None = None,
     ) -> None:
         self._sessions = sessions
+        self._fast_path = fast_path
         self._worker = worker
         self._lease_seconds = lease_seconds
         self._interval = interval
@@ -166,18 +176,16 @@ class LeaseKeeper:
         if not snapshot:
             self._renewed_at = time.monotonic()
             return
-        with self._sessions().begin() as session:
-            still = store.renew_leases(
-                session,
-                [h.key for h in snapshot if h.lost_at is None],
-                lease_seconds=self._lease_seconds,
-            )
-            # A run told to stop still lives: a retry of its job must wait for it.
-            store.extend_stop_windows(
-                session,
-                [h.key for h in snapshot if h.lost_at is not None],
-                lease_seconds=self._lease_seconds,
-            )
+        running = [h.key for h in snapshot if h.lost_at is None]
+        # A run told to stop still lives: a retry of its job must wait for it.
+        stopping = [h.key for h in snapshot if h.lost_at is not None]
+        lease = self._lease_seconds
+        if self._fast_path is not None:
+            still = self._fast_path.renew(running, stopping, lease_seconds=lease)
+        else:
+            with self._sessions().begin() as session:
+                still = store.renew_leases(session, running, lease_seconds=lease)
+                store.extend_stop_windows(session, stopping, lease_seconds=lease)
         now = time.monotonic()
         self._renewed_at = now
         with self._lock:

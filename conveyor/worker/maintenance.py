@@ -18,19 +18,30 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
 
+from conveyor import lazy
 from conveyor.config import Settings, dead_letter_queue, is_amqp
-from conveyor.jobs import anomalies, outbox, retention, rollups, store
-from conveyor.jobs.db import db_now
 from conveyor.jobs.models import Job
 from conveyor.observability import metrics
 from conveyor.worker.broker import bounded_connection, queue_depths
 from conveyor.worker.publisher import CeleryPublisher
 from conveyor.worker.runtime import StoreHandle
+
+if TYPE_CHECKING:
+    from conveyor.jobs import anomalies, db, outbox, retention, rollups, store
+else:
+    # A worker registers these chores' tasks but runs them only when asked: the store
+    # is loaded by the first (see conveyor.lazy).
+    anomalies = lazy.module("conveyor.jobs.anomalies")
+    db = lazy.module("conveyor.jobs.db")
+    outbox = lazy.module("conveyor.jobs.outbox")
+    retention = lazy.module("conveyor.jobs.retention")
+    rollups = lazy.module("conveyor.jobs.rollups")
+    store = lazy.module("conveyor.jobs.store")
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +58,16 @@ def aggregate_once(handle: StoreHandle) -> int:
     rollups are committed.
     """
     with handle.sessions().begin() as session:
-        written = rollups.aggregate(session, now=db_now(session))
+        written = rollups.aggregate(session, now=db.db_now(session))
     with handle.sessions().begin() as session:
-        anomalies.detect(session, now=db_now(session))
+        anomalies.detect(session, now=db.db_now(session))
     return written
 
 
 def cleanup_once(handle: StoreHandle, settings: Settings) -> dict[str, int]:
     """Delete finished jobs, dead jobs and rollups past their retention, in batches."""
     with handle.sessions()() as session:
-        now = db_now(session)
+        now = db.db_now(session)
     deleted = retention.cleanup(
         handle.sessions(),
         now=now,
@@ -95,7 +106,7 @@ def relay_once(
     """
     sessions = handle.sessions()
     with sessions.begin() as session:
-        now = db_now(session)
+        now = db.db_now(session)
         cutoff = now - dt.timedelta(seconds=grace_seconds)
         candidates = store.due_for_publish(session, cutoff=cutoff, now=now, limit=limit)
         ready = []
@@ -124,7 +135,7 @@ def sweep_lost_messages(app: Celery, handle: StoreHandle, *, grace_seconds: floa
     for queue, depth in queue_depths(app).items():
         with handle.sessions().begin() as session:
             if depth == 0:
-                cutoff = db_now(session) - dt.timedelta(seconds=grace_seconds)
+                cutoff = db.db_now(session) - dt.timedelta(seconds=grace_seconds)
                 forgotten += store.forget_stale_publications(
                     session, queue=queue, published_before=cutoff
                 )

@@ -30,9 +30,8 @@ from kombu.messaging import Producer
 from opentelemetry.trace import SpanKind
 
 from conveyor.config.celery_config import is_amqp
-from conveyor.jobs.models import Job
+from conveyor.jobs.models import Job, utcnow
 from conveyor.jobs.states import JobState
-from conveyor.jobs.store import utcnow
 from conveyor.observability import tracing
 from conveyor.worker.broker import bounded_connection
 from conveyor.worker.confirms import Confirms

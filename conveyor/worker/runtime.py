@@ -6,17 +6,21 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING
 
 from conveyor.config import Settings
-from conveyor.jobs.db import make_engine, make_session_factory
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 @dataclass
 class StoreHandle:
-    """An engine that is rebuilt after a fork, since connections must not cross one."""
+    """An engine that is rebuilt after a fork, since connections must not cross one.
+
+    Made on first use, and SQLAlchemy loaded with it (see conveyor.lazy).
+    """
 
     url: str
     pool_size: int = 5
@@ -29,6 +33,8 @@ class StoreHandle:
         """The session factory of this process."""
         with self._lock:
             if self._sessions is None or self._pid != os.getpid():
+                from conveyor.jobs.db import make_engine, make_session_factory
+
                 if self._engine is not None and self._pid != os.getpid():
                     # Inherited from the parent: drop without closing its sockets.
                     self._engine.dispose(close=False)

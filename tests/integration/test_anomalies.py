@@ -21,10 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.jobs import anomalies, keys, rollups, store
+from conveyor.jobs import anomalies, db, keys, rollups, store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.tables import anomalies as anomalies_table
-from conveyor.worker import maintenance
 from conveyor.worker.maintenance import aggregate_once
 from conveyor.worker.runtime import StoreHandle
 from tests.integration.job_rows import insert_jobs, job_row
@@ -90,7 +89,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """Ten seconds past a whole minute, so the minute before is complete past the lag."""
     held = Clock(rollups.floor_minute(store.utcnow()) + dt.timedelta(seconds=10))
     monkeypatch.setattr(store, "utcnow", held)
-    monkeypatch.setattr(maintenance, "db_now", lambda _session: held())
+    # The chores read the clock through the module (maintenance loads it lazily).
+    monkeypatch.setattr(db, "db_now", lambda _session: held())
     return held
 
 

@@ -28,7 +28,6 @@ from conveyor.jobs.store import cancellation
 from conveyor.jobs.tables import jobs, leases
 from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
-from conveyor.worker import leases as leases_module
 from conveyor.worker.app import create_celery
 from conveyor.worker.leases import JobCancelled, LeaseKeeper
 from conveyor.worker.maintenance import sweep_lost_messages
@@ -198,7 +197,7 @@ def test_a_forced_stop_never_reaches_the_next_job_of_the_thread(
     thread.start()
     wait_until(lambda: keeper.holds(first.id, first.lease_token), timeout=5, what="first run held")
     keeper.renew_once()  # first run marked lost
-    monkeypatch.setattr(leases_module.store, "renew_leases", slow_renewal)
+    monkeypatch.setattr(store, "renew_leases", slow_renewal)
     keeper.renew_once()  # its grace is over; the answer arrives after the run moved on
     thread.join(10)
     assert outcome == {"second": "finished"}

@@ -99,8 +99,15 @@ def test_a_worker_loads_no_api_migrations_telemetry_sdk_or_http_client(
 ) -> None:
     assert "default" in default_worker["queues"]
     modules = default_worker["modules"]
-    assert "conveyor.worker.app" in modules and "sqlalchemy" in modules
+    assert "conveyor.worker.app" in modules and "conveyor.jobs.fastpath" in modules
     assert loaded(modules, API_STACK + MIGRATIONS + TELEMETRY_SDK + HTTP_CLIENT) == []
+
+
+def test_a_worker_starts_without_sqlalchemy(default_worker: dict[str, Any]) -> None:
+    # The fast path runs on psycopg; the store loads SQLAlchemy when first used.
+    modules = default_worker["modules"]
+    assert "psycopg" in modules
+    assert loaded(modules, ("sqlalchemy", "conveyor.jobs.store", "conveyor.jobs.db")) == []
 
 
 def test_a_worker_starts_without_celerys_command_line(default_worker: dict[str, Any]) -> None:

@@ -10,9 +10,7 @@ transaction. What depends on the database lives in a driver (`driver.Driver`, wi
 
 from __future__ import annotations
 
-import datetime as dt
-
-from conveyor.jobs.models import Job, JobError, JobEvent, NewJob
+from conveyor.jobs.models import Job, JobError, JobEvent, NewJob, utcnow
 from conveyor.jobs.store.cancellation import cancel, requeue, stopped
 from conveyor.jobs.store.dead_letters import dead_groups, delete_dead, list_dead
 from conveyor.jobs.store.driver import Driver, database_now, driver_for
@@ -53,12 +51,6 @@ from conveyor.jobs.store.transitions import (
     release,
     succeed,
 )
-
-
-def utcnow() -> dt.datetime:
-    """The current time, timezone-aware UTC."""
-    return dt.datetime.now(dt.UTC)
-
 
 __all__ = [
     "Driver",
