@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,21 @@ class Recorder:
             return self._fast.record(new_jobs)
         with self._sessions.begin() as session:
             return driver_for(session).create_jobs(session, new_jobs, now=None)
+
+    def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:
+        """Stamp the jobs published, in a commit that does not wait for the disk.
+
+        On PostgreSQL one statement with the ids as one array, whatever their number.
+        """
+        if not job_ids:
+            return
+        if self._fast is not None:
+            self._fast.mark_published(job_ids)
+            return
+        from conveyor.jobs.store import mark_published
+
+        with self._sessions.begin() as session:
+            mark_published(session, job_ids)
 
 
 @functools.lru_cache(maxsize=32)

@@ -106,6 +106,12 @@ WITH renewed AS (
 SELECT id, lease_token FROM renewed
 """
 
+# The marks of publication of many jobs: one array parameter, whatever their number.
+MARK_SQL = """
+UPDATE jobs SET published_at = now()
+WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NULL
+"""
+
 
 def claim_params(
     job_id: uuid.UUID,
@@ -163,13 +169,14 @@ class FastPath:
                 # Every statement on these connections finds its rows by primary key;
                 # a generic plan made while the table was small must not be a scan.
                 conn.execute("SET enable_seqscan = off")
-            if name in ("claims", "leases"):
+            if name in ("claims", "leases", "marks"):
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
                 # delivered again. Nor need a renewal: one lost leaves the lease the
                 # previous round gave, at least two renewal intervals long, and the next
-                # round renews it (or, failing, stops the run before it lapses).
-                # Finishes stay durable.
+                # round renews it (or, failing, stops the run before it lapses). A mark
+                # of publication lost makes the relay publish the job again, and the
+                # extra delivery is dropped at claim. Finishes and records stay durable.
                 conn.execute("SET synchronous_commit = off")
             setattr(self._local, name, conn)
         return conn
@@ -178,7 +185,7 @@ class FastPath:
         """Close this thread's connections; the next call opens new ones."""
         if getattr(self._local, "pid", None) != os.getpid():
             return
-        for name in ("claims", "finishes", "records", "leases"):
+        for name in ("claims", "finishes", "records", "leases", "marks"):
             conn = getattr(self._local, name, None)
             if conn is not None:
                 conn.close()
@@ -237,6 +244,14 @@ class FastPath:
             return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
         except psycopg.OperationalError:
             self._local.finishes = None
+            raise
+
+    def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:
+        """Stamp `published_at` on those of the jobs that have none (MARK_SQL)."""
+        try:
+            self._connection("marks").execute(MARK_SQL, {"ids": list(job_ids)}, prepare=True)
+        except psycopg.OperationalError:
+            self._local.marks = None
             raise
 
     def renew(

@@ -31,7 +31,7 @@ import psycopg
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.jobs import outbox, store
+from conveyor.jobs import outbox
 from conveyor.jobs.db import recorder_for
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.outbox import Publisher
@@ -184,8 +184,7 @@ class GroupCommitter:
         if not marks:
             return
         try:
-            with self._sessions.begin() as session:
-                store.mark_published(session, marks)
+            self._recorder.mark_published(marks)
         except Exception as error:  # the relay publishes these again; claims drop extras
             log.warning("could not mark jobs published: %s", error)
 

@@ -15,7 +15,6 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.jobs import store
 from conveyor.jobs.db import recorder_for
 from conveyor.jobs.models import Job, NewJob
 
@@ -57,8 +56,7 @@ def publish_recorded(
     """Publish committed jobs and mark them published; False if the broker refused."""
     published, taken = publish_ready(publisher, jobs)
     if published:
-        with sessions.begin() as session:
-            store.mark_published(session, published)
+        recorder_for(sessions).mark_published(published)
     return taken
 
 

@@ -27,6 +27,7 @@ def build_new_job(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     now: dt.datetime | None = None,
+    payload_checked: bool = False,
 ) -> NewJob:
     """A NewJob with the task type's defaults filled in.
 
@@ -34,11 +35,14 @@ def build_new_job(
     payload its model refuses or the store could not keep as given (a number that is not
     finite, a NUL character, a lone surrogate). The stored payload is the validated one,
     in JSON form. The job belongs to the current trace and API request, or to a new trace.
+    `payload_checked` says the caller has already checked the payload as given (the API's
+    request models check the whole body).
     """
     task_type = registry.get(task)
     # Checked as given, since the JSON form would quietly hold null for an infinity; and
     # as stored, for what the model itself produced.
-    require_storable(payload, task_type.payload_model.__name__)
+    if not payload_checked:
+        require_storable(payload, task_type.payload_model.__name__)
     model = task_type.validate(payload)
     stored = model.model_dump(mode="json")
     require_storable(stored, task_type.payload_model.__name__)

@@ -79,3 +79,24 @@ def test_recorded_rows_match_the_stores(pg_engine: Engine, case: str, count: int
         for job in [*recorded, *expected]:
             assert store.get_job(session, job.id) == job
     assert events == 2 * len(recorded)
+
+
+def test_marks_of_publication_stamp_only_the_unstamped(store_engine: Engine) -> None:
+    sessions = make_session_factory(store_engine)
+    recorder = recorder_for(sessions)
+    jobs = recorder.record(
+        [build_new_job(registry, tenant="acme", task="demo.echo", payload={}) for _ in range(3)]
+    )
+    first, second, untouched = (job.id for job in jobs)
+    recorder.mark_published([first])
+    with sessions() as session:
+        stamped = store.get_job(session, first)
+    assert stamped is not None and stamped.published_at is not None
+    recorder.mark_published([first, second, uuid.uuid4()])  # an unknown id is no error
+    recorder.mark_published([])
+    with sessions() as session:
+        after = {job.id: store.get_job(session, job.id) for job in jobs}
+    assert after[first] == stamped  # its stamp is kept
+    second_job, untouched_job = after[second], after[untouched]
+    assert second_job is not None and second_job.published_at is not None
+    assert untouched_job is not None and untouched_job.published_at is None

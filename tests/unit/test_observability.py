@@ -69,6 +69,20 @@ def test_trace_context_round_trips_through_a_traceparent() -> None:
     with tracing.span("run", parent=tracing.from_traceparent(made)):
         assert tracing.trace_id_of() == made.split("-")[1]
         assert tracing.current_traceparent() is not None
+    assert tracing.current_traceparent() is None  # outside any trace
+
+
+def test_traceparents_are_written_as_the_propagator_writes_them() -> None:
+    made = {tracing.new_traceparent() for _ in range(100)}
+    assert len(made) == 100  # new ids every time
+    for traceparent in made:
+        carrier: dict[str, str] = {}
+        tracing.PROPAGATOR.inject(carrier, context=tracing.from_traceparent(traceparent))
+        assert carrier["traceparent"] == traceparent
+    with tracing.span("run", parent=tracing.from_traceparent(made.pop())):
+        carrier = {}
+        tracing.PROPAGATOR.inject(carrier)
+        assert tracing.current_traceparent() == carrier["traceparent"]
 
 
 def test_celery_per_task_lines_are_kept_for_debug() -> None:

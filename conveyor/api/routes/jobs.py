@@ -87,6 +87,8 @@ def _build(
             idempotency_key=idempotency_key,
             # Only a replay under the same key is ever compared with it.
             request_hash=None if idempotency_key is None else request_hash(body),
+            # JobIn's own validation checked the whole body, its payload included.
+            payload_checked=True,
         )
     except UnknownTask:
         raise Problem(
