@@ -31,6 +31,7 @@ def create_app(state: ApiState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        state.waiters.close()
         # Submissions still waiting are recorded and answered before the process ends.
         await asyncio.to_thread(state.committer.close)
 

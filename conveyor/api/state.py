@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
@@ -12,8 +13,9 @@ from typing import Generic, TypeVar, cast
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.api.ratelimit import RateLimiter
+from conveyor.api.waiting import Waiters
 from conveyor.config import Settings
-from conveyor.jobs import keys
+from conveyor.jobs import keys, store
 from conveyor.jobs.group_commit import GroupCommitter
 from conveyor.jobs.outbox import Publisher
 
@@ -118,6 +120,7 @@ class ApiState:
     key_cache: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
     committer: GroupCommitter = field(init=False)
+    waiters: Waiters = field(init=False)
 
     def __post_init__(self) -> None:
         # Routes call these on request threads: bound them whatever the broker does.
@@ -126,7 +129,12 @@ class ApiState:
         if self.queue_depths is not None and not isinstance(self.queue_depths, BoundedProbe):
             self.queue_depths = BoundedProbe(self.queue_depths)
         self.committer = GroupCommitter(self.sessions, self.publisher)
+        self.waiters = Waiters(self._finished_among)
         if self.limiter is None:
             self.limiter = RateLimiter(
                 self.settings.api_rate_per_second, float(self.settings.api_rate_burst)
             )
+
+    def _finished_among(self, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        with self.sessions() as session:
+            return store.finished_among(session, job_ids)

@@ -7,9 +7,10 @@ caller's W3C `traceparent` is continued; without one the request starts a new tr
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -21,16 +22,18 @@ from conveyor.jobs import anomalies, store
 from conveyor.observability import logs, metrics, tracing
 
 REQUEST_ID = "x-request-id"
+_READ = frozenset({REQUEST_ID.encode(), b"traceparent", b"tracestate"})
 _TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 log = logs.get("conveyor.api.access")
+_access = logging.getLogger("conveyor.api.access")
 router = APIRouter(tags=["operations"])
 
 
 def request_id_of(headers: dict[str, str]) -> str:
     """The caller's request id when it is a plain token of at most 100 characters."""
     given = headers.get(REQUEST_ID, "")
-    return given if _TOKEN.fullmatch(given) else uuid.uuid4().hex
+    return given if _TOKEN.fullmatch(given) else os.urandom(16).hex()
 
 
 def route_of(scope: Scope) -> str:
@@ -50,9 +53,13 @@ class Telemetry:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = request_id_of(headers)
-        parent = tracing.extract(headers)
+        # Only the three headers read here are decoded (ASGI names are lower case).
+        wanted: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in _READ:
+                wanted[name.decode("latin-1")] = value.decode("latin-1")
+        request_id = request_id_of(wanted)
+        parent = tracing.extract(wanted) if "traceparent" in wanted else None
         if parent is None and not tracing.enabled():
             parent = tracing.new_context()
         method = scope["method"]
@@ -79,15 +86,21 @@ class Telemetry:
             finally:
                 route = route_of(scope)
                 elapsed = time.perf_counter() - began
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.request.method", method)
-                span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-                metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(elapsed)
-                log.debug(
-                    "request", method=method, route=route, status=status, seconds=round(elapsed, 6)
-                )
+                if span.is_recording():
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.request.method", method)
+                    span.set_attribute("http.route", route)
+                    span.set_attribute("http.response.status_code", status)
+                metrics.labelled(metrics.HTTP_REQUESTS, method, route, str(status)).inc()
+                metrics.labelled(metrics.HTTP_REQUEST_SECONDS, method, route).observe(elapsed)
+                if _access.isEnabledFor(logging.DEBUG):  # a line not written costs nothing
+                    log.debug(
+                        "request",
+                        method=method,
+                        route=route,
+                        status=status,
+                        seconds=round(elapsed, 6),
+                    )
 
 
 def state_reader(state: ApiState) -> metrics.StateReading:

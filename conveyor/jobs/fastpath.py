@@ -112,6 +112,12 @@ UPDATE jobs SET published_at = now()
 WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NULL
 """
 
+# A running attempt's progress, written only while that attempt holds the job.
+PROGRESS_SQL = """
+UPDATE jobs SET progress = %(progress)s
+WHERE id = %(id)s AND (state = 'running') IS TRUE AND lease_token = %(token)s
+"""
+
 
 def claim_params(
     job_id: uuid.UUID,
@@ -169,14 +175,15 @@ class FastPath:
                 # Every statement on these connections finds its rows by primary key;
                 # a generic plan made while the table was small must not be a scan.
                 conn.execute("SET enable_seqscan = off")
-            if name in ("claims", "leases", "marks"):
+            if name in ("claims", "leases", "marks", "progress"):
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
                 # delivered again. Nor need a renewal: one lost leaves the lease the
                 # previous round gave, at least two renewal intervals long, and the next
                 # round renews it (or, failing, stops the run before it lapses). A mark
                 # of publication lost makes the relay publish the job again, and the
-                # extra delivery is dropped at claim. Finishes and records stay durable.
+                # extra delivery is dropped at claim. Progress is overwritten by the next
+                # report. Finishes and records stay durable.
                 conn.execute("SET synchronous_commit = off")
             setattr(self._local, name, conn)
         return conn
@@ -185,7 +192,7 @@ class FastPath:
         """Close this thread's connections; the next call opens new ones."""
         if getattr(self._local, "pid", None) != os.getpid():
             return
-        for name in ("claims", "finishes", "records", "leases", "marks"):
+        for name in ("claims", "finishes", "records", "leases", "marks", "progress"):
             conn = getattr(self._local, name, None)
             if conn is not None:
                 conn.close()
@@ -244,6 +251,15 @@ class FastPath:
             return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
         except psycopg.OperationalError:
             self._local.finishes = None
+            raise
+
+    def set_progress(self, job_id: uuid.UUID, token: int, progress: Any) -> None:
+        """Store a running attempt's progress (PROGRESS_SQL); nothing once it lost the job."""
+        params = {"id": job_id, "token": token, "progress": Jsonb(progress)}
+        try:
+            self._connection("progress").execute(PROGRESS_SQL, params, prepare=True)
+        except psycopg.OperationalError:
+            self._local.progress = None
             raise
 
     def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:

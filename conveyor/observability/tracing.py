@@ -11,7 +11,6 @@ recorded, but the trace id still reaches every log line about the job.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -62,10 +61,10 @@ def tracer() -> trace.Tracer:
 
 def new_context() -> Context:
     """A context holding a new trace (no span is recorded for it by itself)."""
-    ids = random.SystemRandom()
+    ids = int.from_bytes(os.urandom(24), "big")
     span = SpanContext(
-        trace_id=ids.getrandbits(128) or 1,
-        span_id=ids.getrandbits(64) or 1,
+        trace_id=(ids >> 64) or 1,
+        span_id=(ids & (2**64 - 1)) or 1,
         is_remote=True,
         trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )

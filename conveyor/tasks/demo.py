@@ -14,6 +14,10 @@ class EchoPayload(RootModel[dict[str, Any]]):
     """Any JSON object."""
 
 
+# demo.sleep reports its progress this often (the contract asks for once a second).
+PROGRESS_EVERY_SECONDS = 0.5
+
+
 class SleepPayload(BaseModel):
     """How long to sleep."""
 
@@ -37,12 +41,21 @@ def echo(payload: EchoPayload, ctx: TaskContext) -> Any:
 
 @registry.task("demo.sleep", SleepPayload, timeout_seconds=3700.0)
 def sleep(payload: SleepPayload, ctx: TaskContext) -> Any:
-    """Sleeps for the given seconds, stopping early when the job is cancelled."""
+    """Sleeps for the given seconds, stopping early when the job is cancelled.
+
+    Its progress, `{"slept": seconds so far, "of": seconds}`, is reported at the start and
+    then at least once a second.
+    """
     started = time.monotonic()
     deadline = started + payload.seconds
+    reported = started - PROGRESS_EVERY_SECONDS
     while (left := deadline - time.monotonic()) > 0:
         if ctx.cancelled():
             break
+        now = time.monotonic()
+        if now - reported >= PROGRESS_EVERY_SECONDS:
+            ctx.set_progress({"slept": round(now - started, 3), "of": payload.seconds})
+            reported = now
         time.sleep(min(left, 0.2))
     return {"slept": round(time.monotonic() - started, 3)}
 

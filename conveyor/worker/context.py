@@ -10,12 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from conveyor import lazy
 from conveyor.jobs.models import Job, JobError
 from conveyor.jobs.states import JobState
-from conveyor.observability import tracing
+from conveyor.observability import logs, tracing
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
+
+    from conveyor.jobs.fastpath import FastPath
+
+log = logs.get(__name__)
 
 
 @dataclass
@@ -25,6 +30,7 @@ class RunContext:
     job: Job
     sessions: Callable[[], sessionmaker[Session]]  # this process's, made on first use
     lost: threading.Event = field(default_factory=threading.Event)
+    fast_path: FastPath | None = None  # on PostgreSQL: progress without a session
 
     @property
     def job_id(self) -> str:
@@ -41,7 +47,20 @@ class RunContext:
         return self.lost.is_set()
 
     def set_progress(self, progress: Any) -> None:
-        """Store progress on the job row while this attempt holds it."""
+        """Store progress on the job row while this attempt holds it.
+
+        Progress is a report, not an outcome: a database briefly away costs the report
+        (the next one writes it), never the attempt.
+        """
+        try:
+            self._write_progress(progress)
+        except lazy.transient_db_errors() as error:
+            log.warning("could not store the job's progress: %s", error)
+
+    def _write_progress(self, progress: Any) -> None:
+        if self.fast_path is not None:
+            self.fast_path.set_progress(self.job.id, self.job.lease_token, progress)
+            return
         from sqlalchemy import update
 
         from conveyor.jobs.tables import jobs as jobs_table

@@ -142,7 +142,8 @@ class Executor:
             try:
                 task_type = self._registry.get(job.task)
                 payload = task_type.validate(job.payload)
-                result = task_type.handler(payload, RunContext(job, self._sessions, lost))
+                run = RunContext(job, self._sessions, lost, self._fast_path)
+                result = task_type.handler(payload, run)
             except Exception as error:
                 metrics.labelled(metrics.JOB_RUN_SECONDS, job.task).observe(
                     time.perf_counter() - started

@@ -29,9 +29,10 @@ from conveyor.api.schemas import (
     ProblemOut,
 )
 from conveyor.api.state import ApiState
+from conveyor.api.waiting import MAX_WAIT_SECONDS
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job, NewJob
-from conveyor.jobs.states import JobState
+from conveyor.jobs.states import TERMINAL_STATES, JobState
 from conveyor.observability import logs, metrics
 from conveyor.tasks import UnknownTask, registry
 from conveyor.tasks.submission import build_new_job
@@ -251,10 +252,25 @@ def _owned(state: State, job_id: uuid.UUID, tenant: str) -> Job:
     return job
 
 
+WaitSeconds = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description="Answer once the job has finished, or after this many seconds (0-60)",
+    ),
+]
+
+
 @router.get(JOB_ID, response_model=JobOut, responses=PROBLEMS)
-def get_job(job_id: uuid.UUID, key: Reader, state: State) -> JobOut:
-    """One job of the caller's tenant."""
-    return JobOut.of(_owned(state, job_id, key.tenant))
+async def get_job(job_id: uuid.UUID, key: Reader, state: State, wait: WaitSeconds = 0) -> JobOut:
+    """One job of the caller's tenant; with `wait`, as soon as it has finished."""
+    job = await run_in_threadpool(_owned, state, job_id, key.tenant)
+    if wait > 0 and job.state not in TERMINAL_STATES:
+        # One shared poll of the store answers every waiting request (api/waiting.py).
+        await state.waiters.wait(job_id, wait)
+        job = await run_in_threadpool(_owned, state, job_id, key.tenant)
+    return JobOut.of(job)
 
 
 @router.get("/{job_id}/events", response_model=EventsOut, responses=PROBLEMS)

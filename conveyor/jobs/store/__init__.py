@@ -32,6 +32,7 @@ from conveyor.jobs.store.publication import (
 )
 from conveyor.jobs.store.reads import (
     find_by_idempotency_key,
+    finished_among,
     get_job,
     list_events,
     list_jobs,
@@ -77,6 +78,7 @@ __all__ = [
     "extend_stop_windows",
     "fail_retry",
     "find_by_idempotency_key",
+    "finished_among",
     "forget_overtaken_publications",
     "forget_publication",
     "forget_publications",

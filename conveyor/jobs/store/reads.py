@@ -10,7 +10,7 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, JobEvent
-from conveyor.jobs.states import JobState
+from conveyor.jobs.states import TERMINAL_STATES, JobState
 from conveyor.jobs.store.driver import driver_for
 from conveyor.jobs.tables import job_events, jobs
 
@@ -22,6 +22,16 @@ def get_job(session: Session, job_id: uuid.UUID, *, tenant: str | None = None) -
         statement = statement.where(jobs.c.tenant == tenant)
     row = session.execute(statement).mappings().first()
     return None if row is None else Job.from_row(row)
+
+
+def finished_among(session: Session, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Those of the jobs that have reached a terminal state (one query for them all)."""
+    if not job_ids:
+        return []
+    statement = select(jobs.c.id).where(
+        jobs.c.id.in_(job_ids), jobs.c.state.in_([s.value for s in TERMINAL_STATES])
+    )
+    return list(session.execute(statement).scalars())
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
