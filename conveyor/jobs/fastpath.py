@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from conveyor.jobs import bulk_insert
 from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.states import JobState
 
 # Every time here is the database's (`now()`): a worker's own clock never decides a lease.
 # `now` is given only where a caller fixes the time (tests of the store).
@@ -116,6 +117,23 @@ WHERE id = ANY(%(ids)s::uuid[]) AND published_at IS NULL
 PROGRESS_SQL = """
 UPDATE jobs SET progress = %(progress)s
 WHERE id = %(id)s AND (state = 'running') IS TRUE AND lease_token = %(token)s
+"""
+
+# A delivery of a finished job (a duplicate: the relay or the sweep published it again)
+# is noted in its history and dropped, as store.record_dropped_delivery does. Jobs that
+# are running or waiting are the claimer's: a lapsed lease or a due wait takes a rescue
+# or a promotion, in a transaction.
+DROP_FINISHED_SQL = """
+WITH current AS (
+    SELECT id, state, attempts FROM jobs
+    WHERE id = %(id)s AND (state IN ('succeeded', 'dead', 'cancelled')) IS TRUE
+), logged AS (
+    INSERT INTO job_events (job_id, at, event, from_state, to_state, attempt, worker, detail)
+    SELECT id, now(), 'delivery_dropped', state, state, attempts, %(worker)s,
+        jsonb_build_object('reason', 'job is ' || state)
+    FROM current
+)
+SELECT state FROM current
 """
 
 
@@ -218,6 +236,12 @@ class FastPath:
         params = claim_params(job_id, worker=worker, lease_seconds=lease_seconds, limited=limited)
         row = self._run("claims", CLAIM_SQL, params)
         return None if row is None else Job.from_row(row)  # type: ignore[arg-type]
+
+    def drop_finished(self, job_id: uuid.UUID, *, worker: str) -> JobState | None:
+        """Note and drop a delivery of a finished job: its state, or None when the job is
+        not finished (or does not exist)."""
+        row = self._run("claims", DROP_FINISHED_SQL, {"id": job_id, "worker": worker})
+        return None if row is None else JobState(row["state"])
 
     def record(self, new_jobs: Sequence[NewJob]) -> list[Job]:
         """Insert new jobs and their events in one durable autocommit statement, in order."""

@@ -129,6 +129,10 @@ class Executor:
             )
             if job is not None:
                 return Claim.claimed(job)
+            # The usual duplicate, a finished job's, is dropped here too.
+            finished = self._fast_path.drop_finished(job_id, worker=worker)
+            if finished is not None:
+                return Claim.dropped(job_id, finished)
         return self._claimer.claim(self._sessions(), job_id, worker)
 
     def _attempt(self, job: Job, worker: str, context: dict[str, Any]) -> Outcome:

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine
 
 from tests.acceptance.cluster import BROKERS, Cluster, cluster_context
+from conveyor.worker.maintenance import EPOCH_KEY
 from tests.support import wait_until
 
 
@@ -37,6 +39,10 @@ def test_the_fast_path_leaves_sqlalchemy_unloaded_until_a_job_fails(
     # This process loaded SQLAlchemy: its compiled modules are there to be seen.
     assert maps_sqlalchemy(os.getpid())
     cluster = one_worker
+    # Beat republishes every queued job when it finds the broker new (no epoch mark yet):
+    # the duplicates would go through the claimer. Wait for its first look.
+    broker = redis.Redis.from_url(cluster.broker_url)
+    wait_until(lambda: broker.exists(EPOCH_KEY), timeout=30, what="beat's look at the broker")
     # Two sleeps outlast several renewal rounds (heartbeat 0.5 s), on both children.
     ids = [cluster.submit({"task": "demo.sleep", "payload": {"seconds": 2}})["id"] for _ in "ab"]
     ids += [cluster.submit({"task": "demo.echo", "payload": {"n": n}})["id"] for n in range(20)]

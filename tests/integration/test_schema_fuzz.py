@@ -10,25 +10,18 @@ schema does not list answer 405 with an exact `Allow`, and auth is enforced.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis.generation.case import Case
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 from sqlalchemy import Engine
 
-from conveyor.api.app import create_app
-from conveyor.cli.wiring import build_platform
 from conveyor.config import Settings
-from conveyor.jobs import keys
-from conveyor.jobs.db import make_session_factory
-from tests.support import free_port, wait_until
+from tests.integration.conftest import LiveApi, serving
 
 SEED = 20240601
 MAX_EXAMPLES = 25
@@ -56,49 +49,17 @@ SEMANTIC_422 = {
 }
 
 
-@dataclass
-class LiveApi:
-    """A running API: where it listens and a key with every scope."""
-
-    url: str
-    key: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        """The request headers carrying the key."""
-        return {"Authorization": f"Bearer {self.key}"}
-
-
 @pytest.fixture
 def live_api(pg_engine: Engine, pg_url: str, redis_url: str) -> Iterator[LiveApi]:
-    """The API served by uvicorn in a background thread, on a free loopback port."""
+    """The live API with a small body limit, so that 413 answers are reached."""
     settings = Settings(
         database_url=pg_url,
         broker_url=redis_url,
         max_body_bytes=BODY_LIMIT,
         api_rate_per_second=0,
     )
-    platform = build_platform(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(platform.api_state()),
-            host="127.0.0.1",
-            port=free_port(),
-            log_level="critical",
-            access_log=False,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=15, what="uvicorn to start")
-        with make_session_factory(pg_engine).begin() as session:
-            key, _ = keys.create_key(session, tenant="fuzz", scopes=keys.SCOPES)
-        yield LiveApi(url=f"http://127.0.0.1:{server.config.port}", key=key)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        platform.store.dispose()
+    with serving(settings, pg_engine, "fuzz") as api:
+        yield api
 
 
 @pytest.fixture
