@@ -17,8 +17,8 @@ import pytest
 import redis
 from sqlalchemy import Engine
 
-from tests.acceptance.cluster import BROKERS, Cluster, cluster_context
 from conveyor.worker.maintenance import EPOCH_KEY
+from tests.acceptance.cluster import BROKERS, Cluster, cluster_context
 from tests.support import wait_until
 
 
