@@ -17,6 +17,7 @@ from conveyor.api.waiting import Waiters
 from conveyor.config import Settings
 from conveyor.jobs import keys, store
 from conveyor.jobs.group_commit import GroupCommitter
+from conveyor.jobs.models import Job
 from conveyor.jobs.outbox import Publisher
 
 KEY_CACHE_SECONDS = 10.0
@@ -120,7 +121,7 @@ class ApiState:
     key_cache: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
     committer: GroupCommitter = field(init=False)
-    waiters: Waiters = field(init=False)
+    waiters: Waiters[Job] = field(init=False)
 
     def __post_init__(self) -> None:
         # Routes call these on request threads: bound them whatever the broker does.
@@ -135,6 +136,6 @@ class ApiState:
                 self.settings.api_rate_per_second, float(self.settings.api_rate_burst)
             )
 
-    def _finished_among(self, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    def _finished_among(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
         with self.sessions() as session:
             return store.finished_among(session, job_ids)

@@ -283,9 +283,12 @@ async def get_job(job_id: uuid.UUID, key: Reader, state: State, wait: WaitSecond
     """One job of the caller's tenant; with `wait`, as soon as it has finished."""
     job = await run_in_threadpool(_owned, state, job_id, key.tenant)
     if wait > 0 and job.state not in TERMINAL_STATES:
-        # One shared poll of the store answers every waiting request (api/waiting.py).
-        await state.waiters.wait(job_id, wait)
-        job = await run_in_threadpool(_owned, state, job_id, key.tenant)
+        # One shared poll of the store answers every waiting request (api/waiting.py),
+        # with the job as it read it; a wait that runs out reads the job once more.
+        finished = await state.waiters.wait(job_id, wait)
+        if finished is None:
+            finished = await run_in_threadpool(_owned, state, job_id, key.tenant)
+        job = finished
     return JobOut.of(job)
 
 

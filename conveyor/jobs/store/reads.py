@@ -24,14 +24,14 @@ def get_job(session: Session, job_id: uuid.UUID, *, tenant: str | None = None) -
     return None if row is None else Job.from_row(row)
 
 
-def finished_among(session: Session, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """Those of the jobs that have reached a terminal state (one query for them all)."""
+def finished_among(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
+    """Those of the jobs that have reached a terminal state, by id (one query for all)."""
     if not job_ids:
-        return []
-    statement = select(jobs.c.id).where(
+        return {}
+    statement = select(jobs).where(
         jobs.c.id.in_(job_ids), jobs.c.state.in_([s.value for s in TERMINAL_STATES])
     )
-    return list(session.execute(statement).scalars())
+    return {row["id"]: Job.from_row(row) for row in session.execute(statement).mappings()}
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
