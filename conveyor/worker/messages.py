@@ -10,6 +10,7 @@ to the relay, and the publisher retries a whole call once on a fresh connection.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import uuid
@@ -60,8 +61,8 @@ class RunMessages:
         if entity is not None:
             producer.maybe_declare(entity)
 
-    def publish(self, producer: Producer, job: Job, countdown: float | None = None) -> None:
-        """Write the job's message; with a countdown, the worker holds it until then."""
+    def _headers(self, job: Job, countdown: float | None) -> tuple[str, dict[str, Any]]:
+        """The message's task id and its protocol-2 headers."""
         task_id = str(uuid.uuid4())
         job_id = str(job.id)
         eta = None
@@ -89,8 +90,13 @@ class RunMessages:
             "stamps": {},
         }
         headers.update(message_headers(job))
+        return task_id, headers
+
+    def publish(self, producer: Producer, job: Job, countdown: float | None = None) -> None:
+        """Write the job's message; with a countdown, the worker holds it until then."""
+        task_id, headers = self._headers(job, countdown)
         producer.publish(
-            f'[["{job_id}"]{_BODY_TAIL}',
+            f'[["{job.id}"]{_BODY_TAIL}',
             exchange="",
             routing_key=job.queue,
             content_type="application/json",
@@ -101,3 +107,28 @@ class RunMessages:
             delivery_mode=_PERSISTENT,
             retry=False,
         )
+
+    def redis_message(self, job: Job, countdown: float | None = None) -> dict[str, Any]:
+        """The job's message as kombu's Redis transport stores it in the queue's list.
+
+        What `publish` makes kombu build (its envelope: the body in base64, the delivery
+        properties, a delivery tag of its own), made directly: for a batch, kombu's layers
+        around these few values cost more than the values themselves.
+        """
+        task_id, headers = self._headers(job, countdown)
+        body = f'[["{job.id}"]{_BODY_TAIL}'.encode()
+        return {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": _PERSISTENT,
+                "delivery_info": {"exchange": "", "routing_key": job.queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }

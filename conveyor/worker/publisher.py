@@ -36,6 +36,7 @@ from conveyor.observability import tracing
 from conveyor.worker.broker import bounded_connection
 from conveyor.worker.confirms import Confirms
 from conveyor.worker.messages import RunMessages
+from conveyor.worker.redis_transport import Channel as RedisChannel
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
@@ -337,8 +338,14 @@ class CeleryPublisher:
         kombu sends the buffer when the block ends and drops it when the block raises;
         a pipeline that fails leaves every job of the chunk to the relay, since kombu
         cannot tell which of its messages arrived. Transports without batches (the
-        in-process one) publish each message at once.
+        in-process one) publish each message at once. On Conveyor's Redis transport (and
+        without tracing, which wraps each message in a span) the messages are built
+        whole and written by the channel, in one pipeline too.
         """
+        channel = producer.channel
+        if isinstance(channel, RedisChannel) and not tracing.enabled():
+            self._send_prepared(channel, chunk, attempt)
+            return
         try:
             with producer.batch(max_size=len(chunk) * _COMMANDS_PER_MESSAGE):
                 for job, options in chunk:
@@ -348,6 +355,23 @@ class CeleryPublisher:
                     attempt.working()
         except _GaveUp:
             return
+        attempt.sent_all([job.id for job, _ in chunk])
+
+    def _send_prepared(
+        self,
+        channel: RedisChannel,
+        chunk: Sequence[tuple[Job, dict[str, Any]]],
+        attempt: _Attempt,
+    ) -> None:
+        prepared = []
+        for job, options in chunk:
+            if attempt.abandoned:
+                return
+            prepared.append(
+                (job.queue, self._messages.redis_message(job, options.get("countdown")))
+            )
+            attempt.working()
+        channel.put_many(prepared)
         attempt.sent_all([job.id for job, _ in chunk])
 
     def _send_confirmed(

@@ -23,9 +23,10 @@ Three changes, each on kombu's own classes:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -144,6 +145,19 @@ class Channel(kombu_redis.Channel):
         if self._shared_client is None:
             self._shared_client = self._create_client()
         yield self._shared_client
+
+    def put_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """LPUSH prepared messages, each `(queue, message)` as `_put` writes one, in one
+        pipeline (one round trip). On an error none is known to have arrived."""
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for queue, message in messages:
+                pri = self._get_message_priority(message, reverse=False)
+                pipe.lpush(self._q_for_pri(queue, pri), json.dumps(message))
+                if self._expires and queue in self._expires:
+                    for step in self.priority_steps:
+                        pipe.pexpire(self._q_for_pri(queue, step), self._expires[queue])
+            pipe.execute()
 
     def flush_acks(self, *, now: bool = True) -> None:
         """Write the ack emulation's held entries (`now`, or when they are due)."""

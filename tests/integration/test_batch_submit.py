@@ -18,7 +18,6 @@ from amqp.channel import Channel as AmqpChannel
 from celery import Celery
 from fastapi.testclient import TestClient
 from kombu.connection import Connection
-from kombu.transport import redis as kombu_redis
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +34,7 @@ from conveyor.tasks.submission import build_new_job
 from conveyor.worker import confirms as confirms_module
 from conveyor.worker.broker import queue_depths
 from conveyor.worker.publisher import CeleryPublisher
+from conveyor.worker.redis_transport import Channel as RedisChannel
 
 BATCH = 1000
 
@@ -122,7 +122,7 @@ def test_a_batch_request_writes_the_jobs_once_and_marks_them_once(
 ) -> None:
     client, engine = api
     headers = auth(engine)
-    flushes = count_calls(monkeypatch, kombu_redis.PublishBatch, "flush")
+    flushes = count_calls(monkeypatch, RedisChannel, "put_many")
     records = count_calls(monkeypatch, FastPath, "record")
     marks = count_calls(monkeypatch, FastPath, "mark_published")
     body = {"jobs": [{"task": "demo.echo", "payload": {"n": n}} for n in range(BATCH)]}
@@ -214,8 +214,8 @@ def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 def test_redis_takes_a_batch_through_one_pipeline(
     sqlite_sessions: sessionmaker[Session], redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # kombu flushes only a batch; a message published on its own is an LPUSH of its own.
-    flushes = count_calls(monkeypatch, kombu_redis.PublishBatch, "flush")
+    # One pipeline (one round trip: Channel.put_many) for the batch, not an LPUSH each.
+    flushes = count_calls(monkeypatch, RedisChannel, "put_many")
     app = app_for(redis_url)
     jobs_ = recorded(sqlite_sessions, BATCH)
     assert CeleryPublisher(app).publish(jobs_) == [job.id for job in jobs_]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from collections.abc import Iterator
 
@@ -10,6 +11,12 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
+from conveyor.config import Settings
+from conveyor.jobs import bulk_insert
+from conveyor.tasks import registry
+from conveyor.tasks.submission import build_new_job
+from conveyor.worker.app import create_celery
+from conveyor.worker.messages import RunMessages
 from conveyor.worker.redis_transport import TRANSPORT, Channel
 
 QUEUE = Queue("transport-test", Exchange("transport-test", type="direct"), "transport-test")
@@ -106,3 +113,44 @@ def test_an_unacked_delivery_is_restored_after_the_visibility_timeout(
         channel.qos.restore_visible(num=10, interval=1)
         assert client.llen("transport-test") == 1
         assert unacked(client) == (0, 0)
+
+
+def test_prepared_messages_are_the_ones_kombu_writes(redis_url: str) -> None:
+    settings = Settings(database_url="sqlite:///unused.db", broker_url=redis_url)
+    app = create_celery(settings)
+    messages = RunMessages(app)
+    [job] = bulk_insert.recorded(
+        [build_new_job(registry, tenant="t", task="demo.echo", payload={"n": 1})],
+        [("queued", dt.datetime.now(dt.UTC))],
+    )
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        producer = Producer(conn)
+        messages.publish(producer, job, countdown=2.5)
+        channel = producer.channel
+        assert isinstance(channel, Channel)
+        channel.put_many([(job.queue, messages.redis_message(job, countdown=2.5))])
+        kombus, ours = (json.loads(item) for item in client.lrange(job.queue, 0, -1))
+        # Only what is new for every message differs: its ids, its tag, its due time.
+        for written in (kombus, ours):
+            written["headers"].pop("eta")
+            for key in ("id", "root_id"):
+                assert written["headers"].pop(key) == written["properties"]["correlation_id"]
+            written["properties"].pop("correlation_id")
+            written["properties"].pop("delivery_tag")
+        assert ours == kombus
+        assert base64.b64decode(ours["body"]) == f'[["{job.id}"], {{}}, '.encode() + (
+            b'{"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+        )
+        # And a consumer reads it as it reads kombu's.
+        received: list[Message] = []
+        with Consumer(
+            conn,
+            [Queue(job.queue)],
+            callbacks=[lambda body, message: received.append(message)],
+        ):
+            while len(received) < 2:
+                conn.drain_events(timeout=5)
+        assert [m.decode() for m in received] == [m.decode() for m in received[:1]] * 2
+        for message in received:
+            message.ack()
