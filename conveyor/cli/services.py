@@ -49,7 +49,7 @@ def worker(settings: Settings, queues: list[str], concurrency: int | None) -> No
         )
     platform = build_platform(settings)
     options = worker_options(settings, queues, concurrency)
-    cap = settings.pool_time_limit(queues[0])
+    cap = options.get("soft_time_limit")
     if cap is not None:
         platform.celery.tasks[RUN_TASK].Request = timecap.capped_request_class(cap)
     tracing.setup(settings.otlp_endpoint, "conveyor-worker")

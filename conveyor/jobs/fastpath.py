@@ -164,6 +164,12 @@ def succeed_params(
     return {"id": job_id, "worker": worker, "token": token, "result": Jsonb(result), "now": now}
 
 
+# A process's connections, one per kind of statement (and thread), and those whose
+# commits do not wait for the disk (see `_connection`).
+_CONNECTIONS = ("claims", "finishes", "records", "leases", "marks", "progress")
+_NOT_WAITING_FOR_DISK = frozenset({"claims", "leases", "marks", "progress"})
+
+
 def libpq_url(database_url: str) -> str:
     """The libpq URI of a SQLAlchemy PostgreSQL URL (its `+driver` dropped)."""
     scheme, separator, rest = database_url.partition("://")
@@ -193,7 +199,7 @@ class FastPath:
                 # Every statement on these connections finds its rows by primary key;
                 # a generic plan made while the table was small must not be a scan.
                 conn.execute("SET enable_seqscan = off")
-            if name in ("claims", "leases", "marks", "progress"):
+            if name in _NOT_WAITING_FOR_DISK:
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
                 # delivered again. Nor need a renewal: one lost leaves the lease the
@@ -210,19 +216,25 @@ class FastPath:
         """Close this thread's connections; the next call opens new ones."""
         if getattr(self._local, "pid", None) != os.getpid():
             return
-        for name in ("claims", "finishes", "records", "leases", "marks", "progress"):
+        for name in _CONNECTIONS:
             conn = getattr(self._local, name, None)
             if conn is not None:
                 conn.close()
                 setattr(self._local, name, None)
 
-    def _run(self, name: str, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    def _execute(
+        self, name: str, sql: str, params: dict[str, Any], *, prepare: bool | None = True
+    ) -> psycopg.Cursor[dict[str, Any]]:
+        """Run `sql` on this thread's `name` connection; its rows are in the cursor."""
         try:
-            return self._connection(name).execute(sql, params, prepare=True).fetchone()
+            return self._connection(name).execute(sql, params, prepare=prepare)
         except psycopg.OperationalError:
             # The next call opens a new connection; this one reports the outage.
             setattr(self._local, name, None)
             raise
+
+    def _run(self, name: str, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        return self._execute(name, sql, params).fetchone()
 
     def claim(
         self,
@@ -247,17 +259,13 @@ class FastPath:
         """Insert new jobs and their events in one durable autocommit statement, in order."""
         if not new_jobs:
             return []
-        try:
-            if len(new_jobs) == 1:
-                sql, params = bulk_insert.SINGLE_SQL, bulk_insert.single_params(new_jobs[0])
-            else:
-                sql, params = bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs)
-            cursor = self._connection("records").execute(sql, params, prepare=True)
-            rows = [(row["state"], row["created_at"]) for row in cursor.fetchall()]
-            return bulk_insert.recorded(new_jobs, rows)
-        except psycopg.OperationalError:
-            self._local.records = None
-            raise
+        if len(new_jobs) == 1:
+            sql, params = bulk_insert.SINGLE_SQL, bulk_insert.single_params(new_jobs[0])
+        else:
+            sql, params = bulk_insert.PSYCOPG_SQL, bulk_insert.psycopg_params(new_jobs)
+        cursor = self._execute("records", sql, params)
+        rows = [(row["state"], row["created_at"]) for row in cursor.fetchall()]
+        return bulk_insert.recorded(new_jobs, rows)
 
     def succeed_many(
         self, worker: str, runs: Sequence[tuple[uuid.UUID, int, Any]]
@@ -270,32 +278,20 @@ class FastPath:
             "worker": worker,
             "now": None,
         }
-        try:
-            cursor = self._connection("finishes").execute(SUCCEED_MANY_SQL, params)
-            return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
-        except psycopg.OperationalError:
-            self._local.finishes = None
-            raise
+        cursor = self._execute("finishes", SUCCEED_MANY_SQL, params, prepare=None)
+        return {(row["id"], row["lease_token"]) for row in cursor.fetchall()}
 
     def set_progress(self, job_id: uuid.UUID, token: int, progress: Any) -> None:
         """Store a running attempt's progress (PROGRESS_SQL); nothing once it lost the job."""
         params = {"id": job_id, "token": token, "progress": Jsonb(progress)}
-        try:
-            self._connection("progress").execute(PROGRESS_SQL, params, prepare=True)
-        except psycopg.OperationalError:
-            self._local.progress = None
-            raise
+        self._execute("progress", PROGRESS_SQL, params)
 
     def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:
         """Stamp `published_at` on those of the jobs that have none (MARK_SQL)."""
-        try:
-            # Planned for each call, not prepared: a generic plan made while the arrays
-            # were a handful of ids took 0.3-0.8 ms a row once they were a batch's 1,000
-            # (a mark of 1,000 in 200-900 ms, against 30 ms planned for its array).
-            self._connection("marks").execute(MARK_SQL, {"ids": list(job_ids)}, prepare=False)
-        except psycopg.OperationalError:
-            self._local.marks = None
-            raise
+        # Planned for each call, not prepared: a generic plan made while the arrays were
+        # a handful of ids took 0.3-0.8 ms a row once they were a batch's 1,000 (a mark
+        # of 1,000 in 200-900 ms, against 30 ms planned for its array).
+        self._execute("marks", MARK_SQL, {"ids": list(job_ids)}, prepare=False)
 
     def renew(
         self,
@@ -313,13 +309,9 @@ class FastPath:
             "stop_tokens": [token for _, token in stopping],
             "lease_seconds": float(lease_seconds),
         }
-        try:
-            # Planned for each round, as the marks are: its arrays' length varies widely.
-            cursor = self._connection("leases").execute(RENEW_SQL, params, prepare=False)
-            return {(row["id"], int(row["lease_token"])) for row in cursor.fetchall()}
-        except psycopg.OperationalError:
-            self._local.leases = None
-            raise
+        # Planned for each round, as the marks are: its arrays' length varies widely.
+        cursor = self._execute("leases", RENEW_SQL, params, prepare=False)
+        return {(row["id"], int(row["lease_token"])) for row in cursor.fetchall()}
 
     def succeed(self, job_id: uuid.UUID, *, worker: str, token: int, result: Any) -> bool:
         """running → succeeded, as store.succeed; False when the run lost its lease."""

@@ -59,12 +59,21 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("conveyor")
 
 
+def _new_ids() -> tuple[int, int]:
+    """A random trace id and span id, neither all zeros."""
+    while True:
+        ids = int.from_bytes(os.urandom(24), "big")
+        trace_id, span_id = ids >> 64, ids & (2**64 - 1)
+        if trace_id and span_id:
+            return trace_id, span_id
+
+
 def new_context() -> Context:
     """A context holding a new trace (no span is recorded for it by itself)."""
-    ids = int.from_bytes(os.urandom(24), "big")
+    trace_id, span_id = _new_ids()
     span = SpanContext(
-        trace_id=(ids >> 64) or 1,
-        span_id=(ids & (2**64 - 1)) or 1,
+        trace_id=trace_id,
+        span_id=span_id,
         is_remote=True,
         trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )
@@ -82,11 +91,7 @@ def new_traceparent() -> str:
     Written directly: every job of a batch gets one, and the propagator's round through
     a context and a carrier cost several times the formatting.
     """
-    while True:
-        ids = int.from_bytes(os.urandom(24), "big")
-        trace_id, span_id = ids >> 64, ids & (2**64 - 1)
-        if trace_id and span_id:
-            return _traceparent(trace_id, span_id, TraceFlags.SAMPLED)
+    return _traceparent(*_new_ids(), TraceFlags.SAMPLED)
 
 
 def extract(carrier: Mapping[str, Any]) -> Context | None:

@@ -47,6 +47,11 @@ def message_headers(job: Job) -> dict[str, str]:
     return headers
 
 
+def _body(job: Job) -> str:
+    """The message body, `[[job_id], {}, _EMBED]`, as kombu's JSON serializer writes it."""
+    return f'[["{job.id}"]{_BODY_TAIL}'
+
+
 class RunMessages:
     """Publishes `conveyor.run` messages on a kombu producer, one per job."""
 
@@ -96,7 +101,7 @@ class RunMessages:
         """Write the job's message; with a countdown, the worker holds it until then."""
         task_id, headers = self._headers(job, countdown)
         producer.publish(
-            f'[["{job.id}"]{_BODY_TAIL}',
+            _body(job),
             exchange="",
             routing_key=job.queue,
             content_type="application/json",
@@ -116,9 +121,8 @@ class RunMessages:
         around these few values cost more than the values themselves.
         """
         task_id, headers = self._headers(job, countdown)
-        body = f'[["{job.id}"]{_BODY_TAIL}'.encode()
         return {
-            "body": base64.b64encode(body).decode(),
+            "body": base64.b64encode(_body(job).encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
