@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from conveyor import ids
 from conveyor.jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class NewJob:
     idempotency_key: str | None = None
     request_hash: str | None = None
     run_at: dt.datetime | None = None
-    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    id: uuid.UUID = field(default_factory=ids.uuid4)
     schedule_id: uuid.UUID | None = None
     schedule_tick: dt.datetime | None = None
     traceparent: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from conveyor.jobs.models import NewJob
@@ -10,6 +11,20 @@ from conveyor.observability import tracing
 from conveyor.observability.logs import current_request_id
 from conveyor.tasks.json_values import require_storable
 from conveyor.tasks.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where new jobs come from: the trace they join (None: each starts its own) and
+    the API request that submits them."""
+
+    traceparent: str | None
+    request_id: str | None
+
+    @classmethod
+    def current(cls) -> Origin:
+        """The current span's trace and the request being handled (read once for a batch)."""
+        return cls(tracing.current_traceparent(), current_request_id())
 
 
 def build_new_job(
@@ -28,6 +43,7 @@ def build_new_job(
     request_hash: str | None = None,
     now: dt.datetime | None = None,
     payload_checked: bool = False,
+    origin: Origin | None = None,
 ) -> NewJob:
     """A NewJob with the task type's defaults filled in.
 
@@ -36,9 +52,10 @@ def build_new_job(
     finite, a NUL character, a lone surrogate). The stored payload is the validated one,
     in JSON form. The job belongs to the current trace and API request, or to a new trace.
     `payload_checked` says the caller has already checked the payload as given (the API's
-    request models check the whole body).
+    request models check the whole body); `origin`, read once, serves a batch's jobs.
     """
     task_type = registry.get(task)
+    origin = origin or Origin.current()
     # Checked as given, since the JSON form would quietly hold null for an infinity; and
     # as stored, for what the model itself produced.
     if not payload_checked:
@@ -61,6 +78,6 @@ def build_new_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         run_at=run_at,
-        traceparent=tracing.current_traceparent() or tracing.new_traceparent(),
-        request_id=current_request_id(),
+        traceparent=origin.traceparent or tracing.new_traceparent(),
+        request_id=origin.request_id,
     )

@@ -23,7 +23,6 @@ Three changes, each on kombu's own classes:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -146,14 +145,18 @@ class Channel(kombu_redis.Channel):
             self._shared_client = self._create_client()
         yield self._shared_client
 
-    def put_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """LPUSH prepared messages, each `(queue, message)` as `_put` writes one, in one
-        pipeline (one round trip). On an error none is known to have arrived."""
+    def put_many(self, messages: Sequence[tuple[str, str]]) -> None:
+        """LPUSH prepared messages, each `(queue, text)` with the JSON text `_put` writes
+        for a message of priority 0: one LPUSH of many values a queue, in one pipeline
+        (one round trip). The list holds them as one LPUSH each would have left them, the
+        first given nearest the consumer's end. On an error none is known to have arrived."""
+        by_queue: dict[str, list[str]] = {}
+        for queue, message in messages:
+            by_queue.setdefault(queue, []).append(message)
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
-            for queue, message in messages:
-                pri = self._get_message_priority(message, reverse=False)
-                pipe.lpush(self._q_for_pri(queue, pri), json.dumps(message))
+            for queue, texts in by_queue.items():
+                pipe.lpush(self._q_for_pri(queue, 0), *texts)
                 if self._expires and queue in self._expires:
                     for step in self.priority_steps:
                         pipe.pexpire(self._q_for_pri(queue, step), self._expires[queue])

@@ -154,3 +154,29 @@ def test_prepared_messages_are_the_ones_kombu_writes(redis_url: str) -> None:
         assert [m.decode() for m in received] == [m.decode() for m in received[:1]] * 2
         for message in received:
             message.ack()
+
+
+def test_prepared_messages_are_consumed_in_the_order_given_each_queue(redis_url: str) -> None:
+    settings = Settings(database_url="sqlite:///unused.db", broker_url=redis_url)
+    messages = RunMessages(create_celery(settings))
+    queues = ("order-a", "order-b")
+    jobs = bulk_insert.recorded(
+        [
+            build_new_job(registry, tenant="t", task="demo.echo", payload={"n": n}, priority=None)
+            for n in range(7)
+        ],
+        [("queued", dt.datetime.now(dt.UTC))] * 7,
+    )
+    given = [(queues[n % 2], messages.redis_message(job)) for n, job in enumerate(jobs)]
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*queues)
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, Channel)
+        channel.put_many(given)
+    for queue in queues:
+        # A consumer takes from the list's right end (BRPOP): the first given comes first.
+        taken = []
+        while (item := client.rpop(queue)) is not None:
+            taken.append(item.decode())
+        assert taken == [text for q, text in given if q == queue]

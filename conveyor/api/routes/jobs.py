@@ -35,7 +35,7 @@ from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import TERMINAL_STATES, JobState
 from conveyor.observability import logs, metrics
 from conveyor.tasks import UnknownTask, registry
-from conveyor.tasks.submission import build_new_job
+from conveyor.tasks.submission import Origin, build_new_job
 
 log = logs.get(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -72,6 +72,7 @@ def _build(
     tenant: str,
     idempotency_key: str | None,
     loc: tuple[str | int, ...] = ("body",),
+    origin: Origin | None = None,
 ) -> NewJob:
     try:
         return build_new_job(
@@ -90,6 +91,7 @@ def _build(
             request_hash=None if idempotency_key is None else request_hash(body),
             # JobIn's own validation checked the whole body, its payload included.
             payload_checked=True,
+            origin=origin,
         )
     except UnknownTask:
         raise Problem(
@@ -194,8 +196,9 @@ def _submit_keyed(new: NewJob, tenant: str, state: ApiState, response: Response)
 @router.post("/batch", status_code=202, response_model=BatchOut, responses=PROBLEMS)
 async def submit_batch(body: BatchIn, key: Submitter, state: State, response: Response) -> Response:
     """Record up to 1,000 jobs at once: all are validated before any is accepted."""
+    origin = Origin.current()
     new_jobs = [
-        _build(item, key.tenant, None, ("body", "jobs", index))
+        _build(item, key.tenant, None, ("body", "jobs", index), origin)
         for index, item in enumerate(body.jobs)
     ]
     # All or none, in one statement, with the single submissions waiting at that moment.
