@@ -16,6 +16,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs.fastpath import FastPath
+from conveyor.jobs.marks import DeferredMarks
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.store.driver import driver_for
 
@@ -120,6 +121,7 @@ class Recorder:
         self._fast: FastPath | None = None
         if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
             self._fast = FastPath(bind.url.render_as_string(hide_password=False))
+        self._later = DeferredMarks(self.mark_published)
 
     def record(self, new_jobs: Sequence[NewJob]) -> list[Job]:
         """Record the jobs; raises what the database raised, and then none is recorded."""
@@ -127,6 +129,10 @@ class Recorder:
             return self._fast.record(new_jobs)
         with self._sessions.begin() as session:
             return driver_for(session).create_jobs(session, new_jobs, now=None)
+
+    def mark_published_soon(self, job_ids: Sequence[uuid.UUID]) -> None:
+        """`mark_published` within MARK_DELAY, with the other marks made meanwhile."""
+        self._later.add(job_ids)
 
     def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:
         """Stamp the jobs published, in a commit that does not wait for the disk.

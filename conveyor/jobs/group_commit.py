@@ -11,9 +11,8 @@ and an idle API records a lone job at once.
 On PostgreSQL a batch is one statement (the rows and their events in one CTE) run in
 autocommit: one round trip that returns once the commit is on disk, with no BEGIN or
 COMMIT of its own. The marks of publication do not cost a transaction each: those
-gathered over `mark_delay` go in one UPDATE whose commit does not wait for the disk. A
-mark lost in a crash only makes the relay publish the job again; the extra delivery is
-dropped at claim.
+gathered over `mark_delay` go in one UPDATE whose commit does not wait for the disk
+(`conveyor.jobs.marks`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.jobs import outbox
 from conveyor.jobs.db import recorder_for
+from conveyor.jobs.marks import MARK_DELAY, DeferredMarks
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.outbox import Publisher
 from conveyor.observability import logs
@@ -40,7 +39,6 @@ from conveyor.observability import logs
 log = logs.get(__name__)
 
 MAX_BATCH = 1000
-MARK_DELAY = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +92,8 @@ class GroupCommitter:
         self._recorder = recorder_for(sessions)
         self._publisher = publisher
         self._max_batch = max_batch
-        self._mark_delay = mark_delay
+        self._marks = DeferredMarks(self._recorder.mark_published, mark_delay)
         self._waiting: deque[_Waiting] = deque()
-        self._marks: list[uuid.UUID] = []
-        self._marks_since = 0.0
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -135,13 +131,13 @@ class GroupCommitter:
             thread = self._thread
         if thread is not None and thread.is_alive():
             thread.join(timeout)
+        self._marks.flush()
 
     def _ensure_thread(self) -> None:
-        # A forked process inherits no thread; the marks it inherited are its parent's.
+        # A forked process inherits no thread.
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._thread = None
-            self._marks = []
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._loop, name="conveyor-group-commit", daemon=True
@@ -149,18 +145,12 @@ class GroupCommitter:
             self._thread.start()
 
     def _next(self) -> list[_Waiting] | None:
-        """The next batch (empty when only marks are due); None when closed and done."""
+        """The next batch; None when closed and done."""
         with self._wake:
             while not self._waiting:
                 if self._closing:
                     return None
-                if self._marks:
-                    due = self._marks_since + self._mark_delay - time.monotonic()
-                    if due <= 0:
-                        return []
-                    self._wake.wait(due)
-                else:
-                    self._wake.wait()
+                self._wake.wait()
             batch = [self._waiting.popleft()]
             size = len(batch[0].news)
             while self._waiting and size + len(self._waiting[0].news) <= self._max_batch:
@@ -169,24 +159,8 @@ class GroupCommitter:
             return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next()
-            if batch is None:
-                self._write_marks()
-                return
-            if batch:
-                self._record(batch)
-            if self._marks and time.monotonic() - self._marks_since >= self._mark_delay:
-                self._write_marks()
-
-    def _write_marks(self) -> None:
-        marks, self._marks = self._marks, []
-        if not marks:
-            return
-        try:
-            self._recorder.mark_published(marks)
-        except Exception as error:  # the relay publishes these again; claims drop extras
-            log.warning("could not mark jobs published: %s", error)
+        while (batch := self._next()) is not None:
+            self._record(batch)
 
     def _record(self, batch: list[_Waiting]) -> None:
         try:
@@ -212,10 +186,7 @@ class GroupCommitter:
             mine = jobs[start : start + len(waiting.news)]
             start += len(waiting.news)
             waiting.settle([Recorded(job, job.id in published) for job in mine])
-        if published:
-            if not self._marks:
-                self._marks_since = time.monotonic()
-            self._marks.extend(published)
+        self._marks.add(list(published))
 
     def _publish(self, jobs: Sequence[Job]) -> set[uuid.UUID]:
         published, _ = outbox.publish_ready(self._publisher, jobs)

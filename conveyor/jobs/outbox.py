@@ -53,10 +53,10 @@ def publish_ready(publisher: Publisher, jobs: Sequence[Job]) -> tuple[list[uuid.
 def publish_recorded(
     sessions: sessionmaker[Session], publisher: Publisher, jobs: Sequence[Job]
 ) -> bool:
-    """Publish committed jobs and mark them published; False if the broker refused."""
+    """Publish committed jobs and mark them published (a moment later, with the other
+    marks of the process: `conveyor.jobs.marks`); False if the broker refused."""
     published, taken = publish_ready(publisher, jobs)
-    if published:
-        recorder_for(sessions).mark_published(published)
+    recorder_for(sessions).mark_published_soon(published)
     return taken
 
 

@@ -33,6 +33,7 @@ from conveyor.tasks.submission import build_new_job
 from conveyor.worker import publisher as publisher_module
 from conveyor.worker.broker import queue_depths
 from conveyor.worker.publisher import BrokerUnavailable, CeleryPublisher
+from tests.support import wait_until
 
 # The deadline is about a second; this leaves room for a busy machine.
 BOUND = 1.5
@@ -71,7 +72,8 @@ class SilentPeer:
 
 
 class StallingRedis(SilentPeer):
-    """A Redis that takes `answered` LPUSHes, then falls silent like a frozen server."""
+    """A Redis that takes `answered` messages (whole LPUSH commands, each of one or more
+    values), then falls silent like a frozen server."""
 
     def __init__(self, answered: int) -> None:
         self.answered = answered
@@ -102,9 +104,10 @@ class StallingRedis(SilentPeer):
                 words, buffer = parsed
                 name = words[0].upper()
                 if name == b"LPUSH":
-                    if self.pushed >= self.answered:
+                    values = len(words) - 2  # LPUSH key value [value ...]
+                    if self.pushed + values > self.answered:
                         return  # fall silent, the connection left open
-                    self.pushed += 1
+                    self.pushed += values
                 if name == b"MULTI":
                     queued, reply = [], b"+OK\r\n"
                 elif name == b"EXEC" and queued is not None:
@@ -173,9 +176,15 @@ def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def new_jobs(count: int) -> list[NewJob]:
+def new_jobs(count: int, priorities: tuple[str, ...] = ("default",)) -> list[NewJob]:
     return [
-        build_new_job(registry, tenant="acme", task="demo.echo", payload={"n": n})
+        build_new_job(
+            registry,
+            tenant="acme",
+            task="demo.echo",
+            payload={"n": n},
+            priority=priorities[n % len(priorities)],
+        )
         for n in range(count)
     ]
 
@@ -248,25 +257,28 @@ def test_a_batch_stalling_midway_keeps_what_went_out(
     finally:
         peer.close()
     assert peer.pushed == 4
-    # The four the broker took are marked; the relay publishes the other six.
-    assert unpublished_for_relay(sessions) == {job.id for job in jobs[4:]}
+    # The four the broker took are marked (a moment later); the relay publishes the
+    # other six.
+    rest = {job.id for job in jobs[4:]}
+    wait_until(lambda: unpublished_for_relay(sessions) == rest, timeout=5, what="the marks")
 
 
 def test_a_pipeline_cut_off_midway_leaves_all_its_jobs_to_the_relay(
     sessions: sessionmaker[Session],
 ) -> None:
-    peer = StallingRedis(answered=4)
+    peer = StallingRedis(answered=5)
     try:
         publisher = CeleryPublisher(app_for(peer.url("redis")))
         started = time.monotonic()
-        jobs = outbox.submit(sessions, publisher, new_jobs(10))
+        # Five for each of two queues: one pipeline of two LPUSHes of five values each.
+        jobs = outbox.submit(sessions, publisher, new_jobs(10, ("default", "low")))
         assert time.monotonic() - started < BOUND + 0.5
     finally:
         peer.close()
-    # All ten went out in one write and the broker took four; which ones, the client
-    # cannot tell, so none is marked: the relay publishes all ten again and the four
-    # extra deliveries are dropped at claim.
-    assert peer.pushed == 4
+    # All ten went out in one write and the broker took the first queue's five; which
+    # ones, the client cannot tell, so none is marked: the relay publishes all ten again
+    # and the five extra deliveries are dropped at claim.
+    assert peer.pushed == 5
     assert unpublished_for_relay(sessions) == {job.id for job in jobs}
 
 

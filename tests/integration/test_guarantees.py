@@ -322,6 +322,11 @@ def test_a_message_lost_behind_a_backlog_is_published_again(
     created = [_create(pg_sessions) for _ in range(6)]
     for job in created:  # published one after the other
         outbox.publish_recorded(pg_sessions, publisher, [job])
+    wait_until(
+        lambda: all(_job(pg_sessions, j.id).published_at is not None for j in created),
+        timeout=5,
+        what="the marks of publication",
+    )
     with pg_sessions.begin() as session:
         session.execute(
             update(jobs)

@@ -17,7 +17,7 @@ from conveyor.tasks import registry
 from conveyor.tasks.submission import build_new_job
 from conveyor.worker.app import create_celery
 from conveyor.worker.messages import RunMessages
-from conveyor.worker.redis_transport import TRANSPORT, Channel
+from conveyor.worker.redis_transport import TAKE_GAP_SECONDS, TRANSPORT, Channel
 
 QUEUE = Queue("transport-test", Exchange("transport-test", type="direct"), "transport-test")
 
@@ -61,32 +61,65 @@ def test_one_turn_takes_what_is_waiting_up_to_the_prefetch_limit(
     connection: Connection, redis_url: str
 ) -> None:
     publish(connection, 20)
-    channel, got = consuming(connection, prefetch=5)
+    channel, got = consuming(connection, prefetch=6)
+    # The first message after a quiet spell is handed over alone (no script call to
+    # delay it); the second comes at once, and the four others waiting come with it.
     connection.drain_events(timeout=5)
-    # One BRPOP and one script call: the four others waiting came in the same turn.
-    assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
+    assert [m.payload["n"] for m in got] == [0]
+    connection.drain_events(timeout=5)
+    assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
     client = redis.Redis.from_url(redis_url)
-    assert client.llen("transport-test") == 15
+    assert client.llen("transport-test") == 14
     # The deliveries' entries are held, then written together in one round trip.
     channel.flush_acks()
-    assert unacked(client) == (5, 5)
+    assert unacked(client) == (6, 6)
     for message in got:
         message.ack()
     channel.flush_acks()
     assert unacked(client) == (0, 0)
+    # Within a burst every turn takes what waits: one BRPOP and one script call.
     connection.drain_events(timeout=5)
-    assert [m.payload["n"] for m in got[5:]] == [5, 6, 7, 8, 9]
+    assert [m.payload["n"] for m in got[6:]] == [6, 7, 8, 9, 10, 11]
+
+
+def test_a_lone_message_is_handed_over_without_a_script_call(
+    connection: Connection, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = Channel._take_waiting
+
+    def counted(self: Channel) -> bool:
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(Channel, "_take_waiting", counted)
+    channel, got = consuming(connection, prefetch=8)
+    for n in range(3):
+        publish(connection, 1)
+        connection.drain_events(timeout=5)
+        assert len(got) == n + 1
+        got[-1].ack()
+        # A quiet spell as long as the gap: the next one comes alone again.
+        channel._delivered_at -= TAKE_GAP_SECONDS
+    assert calls == []
+    # Two at once: the first is handed over alone, the second takes what waits.
+    publish(connection, 6)
+    connection.drain_events(timeout=5)
+    connection.drain_events(timeout=5)
+    assert len(got) == 9
+    assert calls == [1]
 
 
 def test_what_a_consumer_held_unacked_goes_back_on_close(
     connection: Connection, redis_url: str
 ) -> None:
     publish(connection, 10)
-    channel, got = consuming(connection, prefetch=5)
+    channel, got = consuming(connection, prefetch=6)
     connection.drain_events(timeout=5)
-    assert len(got) == 5
+    connection.drain_events(timeout=5)
+    assert len(got) == 6
     got[0].ack()
-    # Nothing was written yet for these five: closing writes it, then restores the rest.
+    # Nothing was written yet for these six: closing writes it, then restores the rest.
     channel.close()
     client = redis.Redis.from_url(redis_url)
     assert client.llen("transport-test") == 9
