@@ -8,9 +8,10 @@ Three changes, each on kombu's own classes:
   is safe to share between threads and holds no connection of its own (they come from
   the channel's pool), so each channel makes one, on first use, and keeps it.
 - The bookkeeping of unacknowledged messages (kombu's ack emulation: a hash of the
-  messages a consumer holds and a sorted set of when it took them) is written at most
-  every FLUSH_SECONDS, for everything delivered and acknowledged since, instead of one
-  MULTI/EXEC round trip per delivery and another per ack. A message taken but not yet
+  messages a consumer holds and a sorted set of when it took them) is written by a
+  thread of the consumer's, FLUSH_SECONDS after the first entry held, for everything
+  delivered and acknowledged since, instead of one MULTI/EXEC round trip on the event
+  loop per delivery and another per ack. A message taken but not yet
   entered there when the worker dies is not restored by Redis: its job is still `queued`
   in the store, and the sweep of lost messages has the relay publish it again (or it was
   claimed, and rescue takes it back when the lease lapses). An ack not yet written leaves
@@ -27,6 +28,7 @@ Three changes, each on kombu's own classes:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +39,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+
+log = logging.getLogger(__name__)
 
 # For Celery's `broker_transport` setting.
 TRANSPORT = "conveyor.worker.redis_transport:Transport"
@@ -49,6 +53,8 @@ TAKE_GAP_SECONDS = 0.05
 # Held ack-emulation entries are written this often, or once this many are held.
 FLUSH_SECONDS = 0.01
 FLUSH_HELD = 256
+# After a failed write, the writer tries again this much later.
+WRITE_RETRY_SECONDS = 0.5
 
 # Pop up to ARGV[1] messages from KEYS in order; the key and the message of each.
 TAKE_SCRIPT = """
@@ -70,27 +76,49 @@ return taken
 
 
 class QoS(kombu_redis.QoS):
-    """Ack emulation whose Redis writes are held and written together when due."""
+    """Ack emulation whose Redis writes are held and written together, off the loop.
+
+    A thread of the consumer's own writes the held entries once the oldest is
+    FLUSH_SECONDS old (or FLUSH_HELD are held). Written on the event loop, they cost a
+    round trip on the turn after each delivery: before Celery writes the message to a
+    pool child, so into every job's enqueue-to-start.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending_lock = threading.Lock()
+        self._pending = threading.Condition()
+        self._writing = threading.Lock()  # one write at a time, in the order taken
         self._appended: dict[str, str] = {}
         self._acked: list[str] = []
-        self._flushed_at = 0.0
+        self._held_since = 0.0
+        self._writer: threading.Thread | None = None
+        self._closed = False
+
+    def _hold(self) -> None:
+        """Note new held entries and wake the writer (called with `_pending` held)."""
+        if not self._held_since:
+            self._held_since = time.monotonic()
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_when_due, name="conveyor-ack-emulation", daemon=True
+            )
+            self._writer.start()
+        self._pending.notify()
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        """Hold the message as delivered; its entry is written at the next flush."""
+        """Hold the message as delivered; its entry is written by the writer."""
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self._pending_lock:
+        with self._pending:
             self._appended[delivery_tag] = entry
+            self._hold()
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        """Release the message now; its entry is removed at the next flush."""
-        with self._pending_lock:
+        """Release the message now; its entry is removed by the writer."""
+        with self._pending:
             self._acked.append(delivery_tag)
+            self._hold()
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -108,29 +136,58 @@ class QoS(kombu_redis.QoS):
         self.flush()
         super().restore_visible(*args, **kwargs)
 
-    def maybe_flush(self) -> None:
-        """Write the held entries if the last write is FLUSH_SECONDS old or many are held."""
-        held = len(self._appended) + len(self._acked)
-        if held and (held >= FLUSH_HELD or time.monotonic() - self._flushed_at >= FLUSH_SECONDS):
-            self.flush()
+    def close(self) -> None:
+        """Stop the writer; what is held is written by the restore that follows."""
+        with self._pending:
+            self._closed = True
+            self._pending.notify()
+
+    def _write_when_due(self) -> None:
+        while True:
+            with self._pending:
+                while not self._closed and not (self._appended or self._acked):
+                    self._pending.wait()
+                if self._closed:
+                    return
+                held = len(self._appended) + len(self._acked)
+                due = self._held_since + FLUSH_SECONDS - time.monotonic()
+                if held < FLUSH_HELD and due > 0:
+                    self._pending.wait(due)
+                    continue
+            try:
+                self.flush()
+            except Exception as error:  # held again by flush; tried again in a while
+                log.warning("could not write the ack emulation's entries: %s", error)
+                with self._pending:
+                    if not self._closed:
+                        self._pending.wait(WRITE_RETRY_SECONDS)
 
     def flush(self) -> None:
         """Write the held deliveries and acks in one round trip (entries first)."""
-        with self._pending_lock:
-            self._flushed_at = time.monotonic()
-            if not self._appended and not self._acked:
-                return
-            appended, acked = self._appended, self._acked
-            self._appended, self._acked = {}, []
-        with self.pipe_or_acquire() as pipe:
-            if appended:
-                now = time.time()
-                pipe.zadd(self.unacked_index_key, dict.fromkeys(appended, now))
-                pipe.hset(self.unacked_key, mapping=appended)
-            if acked:
-                pipe.zrem(self.unacked_index_key, *acked)
-                pipe.hdel(self.unacked_key, *acked)
-            pipe.execute()
+        with self._writing:
+            with self._pending:
+                self._held_since = 0.0
+                if not self._appended and not self._acked:
+                    return
+                appended, acked = self._appended, self._acked
+                self._appended, self._acked = {}, []
+            try:
+                with self.pipe_or_acquire() as pipe:
+                    if appended:
+                        now = time.time()
+                        pipe.zadd(self.unacked_index_key, dict.fromkeys(appended, now))
+                        pipe.hset(self.unacked_key, mapping=appended)
+                    if acked:
+                        pipe.zrem(self.unacked_index_key, *acked)
+                        pipe.hdel(self.unacked_key, *acked)
+                    pipe.execute()
+            except BaseException:
+                # Held again, before anything held since: the next write has them all.
+                with self._pending:
+                    self._appended = {**appended, **self._appended}
+                    self._acked = acked + self._acked
+                    self._held_since = self._held_since or time.monotonic()
+                raise
 
 
 class Channel(kombu_redis.Channel):
@@ -169,19 +226,18 @@ class Channel(kombu_redis.Channel):
                         pipe.pexpire(self._q_for_pri(queue, step), self._expires[queue])
             pipe.execute()
 
-    def flush_acks(self, *, now: bool = True) -> None:
-        """Write the ack emulation's held entries (`now`, or when they are due)."""
+    def flush_acks(self) -> None:
+        """Write the ack emulation's held entries now."""
         qos = self._qos  # kombu's, made on first use of `qos`
         if isinstance(qos, QoS):
-            if now:
-                qos.flush()
-            else:
-                qos.maybe_flush()
+            qos.flush()
 
-    def _brpop_start(self, timeout: Any = None) -> None:
-        # Also where a consumer without an event loop writes its held entries.
-        self.flush_acks(now=False)
-        super()._brpop_start(timeout)
+    def close(self) -> None:
+        """As kombu's (which restores what this consumer holds), its writer stopped."""
+        qos = self._qos
+        if isinstance(qos, QoS):
+            qos.close()
+        super().close()
 
     def _brpop_read(self, **options: Any) -> bool:
         delivered: bool = super()._brpop_read(**options)
@@ -217,14 +273,3 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above."""
 
     Channel = Channel
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """As kombu's; each turn of the loop also writes the channels' held acks when due."""
-        super().register_with_event_loop(connection, loop)
-        # A bound method: registering again after a reconnection adds nothing.
-        loop.on_tick.add(self.flush_acks)
-
-    def flush_acks(self) -> None:
-        """Write every channel's held ack-emulation entries that are due."""
-        for channel in self.channels:
-            channel.flush_acks(now=False)

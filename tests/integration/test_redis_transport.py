@@ -18,6 +18,7 @@ from conveyor.tasks.submission import build_new_job
 from conveyor.worker.app import create_celery
 from conveyor.worker.messages import RunMessages
 from conveyor.worker.redis_transport import TAKE_GAP_SECONDS, TRANSPORT, Channel
+from tests.support import wait_until
 
 QUEUE = Queue("transport-test", Exchange("transport-test", type="direct"), "transport-test")
 
@@ -213,3 +214,27 @@ def test_prepared_messages_are_consumed_in_the_order_given_each_queue(redis_url:
         while (item := client.rpop(queue)) is not None:
             taken.append(item.decode())
         assert taken == [text for q, text in given if q == queue]
+
+
+def test_the_ack_emulation_is_written_by_the_consumers_own_thread(
+    connection: Connection, redis_url: str
+) -> None:
+    publish(connection, 3)
+    channel, got = consuming(connection, prefetch=8)
+    while len(got) < 3:
+        connection.drain_events(timeout=5)
+    client = redis.Redis.from_url(redis_url)
+    # No turn of the consumer's loop is needed for the entries to be written...
+    wait_until(lambda: unacked(client) == (3, 3), timeout=5, what="the entries written")
+    got[0].ack()
+    got[1].ack()
+    # ...nor for the acks to remove them.
+    wait_until(lambda: unacked(client) == (1, 1), timeout=5, what="the acks written")
+    writer = channel.qos._writer
+    assert writer is not None and writer.is_alive()
+    channel.close()
+    writer.join(timeout=5)
+    assert not writer.is_alive()
+    # The one still held went back to its queue on close.
+    assert unacked(client) == (0, 0)
+    assert [queued_n(item) for item in client.lrange("transport-test", 0, -1)] == [2]
