@@ -51,15 +51,16 @@ class DeferredMarks:
             return
         self._own()
         with self._wake:
-            if not self._pending:
-                self._since = time.monotonic()
+            first = not self._pending
             self._pending.extend(job_ids)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="conveyor-marks", daemon=True
                 )
                 self._thread.start()
-            self._wake.notify()
+            if first:  # else the writer's timed wait ends when these are due
+                self._since = time.monotonic()
+                self._wake.notify()
 
     def flush(self) -> None:
         """Write what is held now, in the calling thread."""

@@ -95,15 +95,20 @@ class QoS(kombu_redis.QoS):
         self._closed = False
 
     def _hold(self) -> None:
-        """Note new held entries and wake the writer (called with `_pending` held)."""
-        if not self._held_since:
-            self._held_since = time.monotonic()
+        """Note a new held entry (called with `_pending` held). The writer is woken only
+        when it waits for a first entry or when FLUSH_HELD are held; otherwise its timed
+        wait ends when the oldest is due (a wake-up per delivery and per ack would take
+        the GIL from the event loop twice a job)."""
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_when_due, name="conveyor-ack-emulation", daemon=True
             )
             self._writer.start()
-        self._pending.notify()
+        if not self._held_since:
+            self._held_since = time.monotonic()
+            self._pending.notify()
+        elif len(self._appended) + len(self._acked) == FLUSH_HELD:
+            self._pending.notify()
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """Hold the message as delivered; its entry is written by the writer."""
