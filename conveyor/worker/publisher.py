@@ -15,14 +15,10 @@ the end. So a batch of jobs costs the broker one round trip, not one per job.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import os
-import queue
 import threading
 import time
 import uuid
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -37,6 +33,7 @@ from conveyor.worker.broker import bounded_connection
 from conveyor.worker.confirms import Confirms
 from conveyor.worker.messages import RunMessages
 from conveyor.worker.redis_transport import Channel as RedisChannel
+from conveyor.worker.senders import SENDER_THREADS, Attempt, Senders
 
 # Longer waits stay in the database and are published by the relay when due, since a
 # broker holding a long ETA redelivers it at every visibility timeout.
@@ -45,10 +42,6 @@ MAX_COUNTDOWN_SECONDS = 30.0
 BROKER_DOWN_BACKOFF_SECONDS = 2.0
 # A caller stops waiting once no message has gone out for this long.
 PUBLISH_DEADLINE_SECONDS = 1.0
-# Publishes in flight at once per publisher; a frozen broker can hold at most these.
-SENDER_THREADS = 4
-# A sender thread (and its connection) with nothing to do for this long ends.
-SENDER_IDLE_SECONDS = 60.0
 # Messages per broker round trip: an API batch (at most 1,000 jobs) goes out in one.
 MESSAGES_PER_ROUND_TRIP = 1000
 # Redis commands kombu may buffer per message before it flushes early: an LPUSH, plus a
@@ -67,129 +60,6 @@ class BrokerUnavailable(ConnectionError):
         self.published = list(published)
 
 
-class _Attempt:
-    """One publish call handed to a sender thread; its caller may stop waiting for it."""
-
-    def __init__(self, jobs: Sequence[Job], progress: Callable[[], None] = lambda: None) -> None:
-        self.jobs = jobs
-        # Tells the publisher that the broker is moving, for calls still waiting their turn.
-        self._progress = progress
-        # The caller's trace and log fields, for the spans and lines of the sender thread.
-        self.context = contextvars.copy_context()
-        self.done = threading.Event()
-        self.error: Exception | None = None
-        self._lock = threading.Lock()
-        self._published: list[uuid.UUID] = []
-        self._abandoned = False
-        self._progressed_at = time.monotonic()
-
-    @property
-    def abandoned(self) -> bool:
-        """The caller gave up: send nothing more."""
-        return self._abandoned
-
-    def idle(self) -> float:
-        """Seconds since the last message went out (or since the call began)."""
-        return time.monotonic() - self._progressed_at
-
-    def sent(self, job_id: uuid.UUID) -> None:
-        """Record a message the broker took."""
-        self.sent_all([job_id])
-
-    def sent_all(self, job_ids: Sequence[uuid.UUID]) -> None:
-        """Record messages the broker took."""
-        with self._lock:
-            self._published.extend(job_ids)
-            self._progressed_at = time.monotonic()
-        self._progress()
-
-    def working(self) -> None:
-        """Note progress short of the broker's answer: a message built and buffered.
-
-        A batch is answered only at its end; until then each message made ready counts
-        as progress, and the wait for the answer itself is bounded by the socket's.
-        """
-        with self._lock:
-            self._progressed_at = time.monotonic()
-        self._progress()
-
-    def published(self) -> list[uuid.UUID]:
-        """The jobs whose messages went out so far."""
-        with self._lock:
-            return list(self._published)
-
-    def abandon(self) -> list[uuid.UUID]:
-        """Stop the sender before its next message; the jobs it had sent by now."""
-        with self._lock:
-            self._abandoned = True
-            return list(self._published)
-
-
-class _Senders:
-    """Up to `size` daemon threads that carry publishes; an idle one ends after a while.
-
-    Daemon threads rather than an executor: a process that exits while one is stuck on a
-    frozen broker must not wait for it.
-    """
-
-    def __init__(self, size: int, on_exit: Callable[[], None]) -> None:
-        self._size = size
-        self._on_exit = on_exit
-        self._reset()
-        # Threads do not survive a fork: a prefork child starts its own on first use.
-        ref = weakref.ref(self)
-
-        def forget_in_child() -> None:
-            senders = ref()
-            if senders is not None:
-                senders._reset()
-
-        os.register_at_fork(after_in_child=forget_in_child)
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._threads = 0
-        self._idle = 0
-
-    def submit(self, task: Callable[[], None]) -> None:
-        """Run `task` on a sender thread; a new one starts when none is idle (up to `size`)."""
-        with self._lock:
-            self._tasks.put(task)
-            if self._idle == 0 and self._threads < self._size:
-                self._threads += 1
-                threading.Thread(
-                    target=self._serve,
-                    args=(self._tasks,),
-                    name=f"conveyor-publish-{self._threads}",
-                    daemon=True,
-                ).start()
-
-    def _serve(self, tasks: queue.SimpleQueue[Callable[[], None]]) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                task = tasks.get(timeout=SENDER_IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    # Checked under the lock `submit` puts under: no task is left behind.
-                    if tasks.empty():
-                        self._threads -= 1
-                        break
-                continue
-            with self._lock:
-                self._idle -= 1
-            try:
-                task()
-            except BaseException:
-                with self._lock:
-                    self._threads -= 1
-                raise
-        self._on_exit()
-
-
 class CeleryPublisher:
     """Sends one `conveyor.run` message per job to the job's queue, within a deadline."""
 
@@ -206,7 +76,7 @@ class CeleryPublisher:
         self._max_countdown = max_countdown
         self._deadline = deadline
         self._progressed_at = 0.0
-        self._senders = _Senders(SENDER_THREADS, on_exit=self._release_producer)
+        self._senders = Senders(SENDER_THREADS, on_exit=self._release_producer)
         url = app.conf.broker_write_url or app.conf.broker_url or ""
         options = app.conf.broker_transport_options or {}
         # With confirms asked for on RabbitMQ, the publisher reads them itself, per batch.
@@ -226,7 +96,7 @@ class CeleryPublisher:
             return []
         if time.monotonic() < self._down_until:
             raise BrokerUnavailable("the broker failed a publish moments ago")
-        attempt = _Attempt(jobs, self._progressed)
+        attempt = Attempt(jobs, self._progressed)
         self._senders.submit(lambda: self._carry(attempt))
         # A batch may take longer than the deadline as long as messages keep going out,
         # and a call waiting for a free sender waits as long as the senders make progress.
@@ -245,14 +115,14 @@ class CeleryPublisher:
     def _progressed(self) -> None:
         self._progressed_at = time.monotonic()
 
-    def _idle(self, attempt: _Attempt) -> float:
+    def _idle(self, attempt: Attempt) -> float:
         """Seconds since this call, or any other of this publisher, last made progress."""
         return min(attempt.idle(), time.monotonic() - self._progressed_at)
 
     def _back_off(self) -> None:
         self._down_until = time.monotonic() + BROKER_DOWN_BACKOFF_SECONDS
 
-    def _carry(self, attempt: _Attempt) -> None:
+    def _carry(self, attempt: Attempt) -> None:
         """On a sender thread: publish the attempt's jobs unless its caller gave up."""
         try:
             if not attempt.abandoned:
@@ -316,7 +186,7 @@ class CeleryPublisher:
             due.append((job, options))
         return due
 
-    def _send(self, attempt: _Attempt) -> None:
+    def _send(self, attempt: Attempt) -> None:
         producer = self._producer()
         due = self._due(attempt.jobs)
         for queue_name in {job.queue for job, _ in due}:
@@ -331,7 +201,7 @@ class CeleryPublisher:
                 return
 
     def _send_pipelined(
-        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: _Attempt
+        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: Attempt
     ) -> None:
         """Buffer the chunk's messages and send them at once (one pipeline on Redis).
 
@@ -361,7 +231,7 @@ class CeleryPublisher:
         self,
         channel: RedisChannel,
         chunk: Sequence[tuple[Job, dict[str, Any]]],
-        attempt: _Attempt,
+        attempt: Attempt,
     ) -> None:
         prepared = []
         for job, options in chunk:
@@ -375,7 +245,7 @@ class CeleryPublisher:
         attempt.sent_all([job.id for job, _ in chunk])
 
     def _send_confirmed(
-        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: _Attempt
+        self, producer: Producer, chunk: Sequence[tuple[Job, dict[str, Any]]], attempt: Attempt
     ) -> None:
         """Write the chunk's messages, then read the broker's confirms for all of them."""
         confirms = self._channel_confirms(producer)
