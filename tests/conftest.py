@@ -29,7 +29,8 @@ def _truncate(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE job_events, jobs, api_keys, schedules, leases, marks, job_rollups,"
+                "TRUNCATE job_parents, workflows, job_events, jobs, api_keys, schedules, leases,"
+                " marks, job_rollups,"
                 " rate_limits, anomalies"
             )
         )

@@ -19,6 +19,7 @@ from conveyor.api.routes import (
     operations,
     schedules,
     task_types,
+    workflows,
 )
 from conveyor.api.state import ApiState
 from conveyor.api.telemetry import Telemetry, state_reader
@@ -32,6 +33,7 @@ def create_app(state: ApiState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.waiters.close()
+        state.workflow_waiters.close()
         # Submissions still waiting are recorded and answered before the process ends.
         await asyncio.to_thread(state.committer.close)
 
@@ -47,6 +49,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.state.conveyor = state
     problems.install(app)
     app.include_router(jobs.router)
+    app.include_router(workflows.router)
     app.include_router(task_types.router)
     app.include_router(dead_letters.router)
     app.include_router(operations.router)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from conveyor.jobs.anomalies import Episode, Signal
 from conveyor.jobs.models import Job, JobEvent
 from conveyor.jobs.states import JobState, Priority
+from conveyor.jobs.store.workflows import Workflow
 from conveyor.tasks.json_values import require_storable
 
 Tag = Field(min_length=1, max_length=64)
@@ -68,6 +69,98 @@ class BatchIn(BaseModel):
     jobs: list[JobIn] = Field(min_length=1, max_length=1000)
 
 
+class StepIn(StorableBody):
+    """One step of a workflow: a job that runs after the steps it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    task: str = Field(min_length=1, max_length=200)
+    payload: Any = Field(default_factory=dict)
+    after: list[str] = Field(default_factory=list, max_length=1000)
+    run_if: Literal["succeeded", "finished"] = "succeeded"
+    priority: Priority | None = None
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_seconds: float | None = Field(None, gt=0, le=86400)
+    tags: list[Annotated[str, Tag]] = Field(default_factory=list, max_length=20)
+
+
+class WorkflowIn(StorableBody):
+    """A workflow to submit: 1 to 1,000 steps."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "etl",
+                    "steps": [
+                        {"key": "fetch", "task": "demo.echo", "payload": {"n": 1}},
+                        {"key": "load", "task": "demo.collect", "after": ["fetch"]},
+                    ],
+                }
+            ]
+        },
+    )
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    steps: list[StepIn] = Field(min_length=1, max_length=1000)
+    tags: list[Annotated[str, Tag]] = Field(default_factory=list, max_length=20)
+
+
+class StepOut(BaseModel):
+    """A step as the API shows it within its workflow."""
+
+    key: str
+    job_id: uuid.UUID
+    task: str
+    state: JobState
+    after: list[str]
+    attempts: int
+
+
+class WorkflowOut(BaseModel):
+    """A workflow and its steps."""
+
+    id: uuid.UUID
+    name: str | None
+    state: Literal["running", "succeeded", "failed", "cancelled"]
+    tags: list[str]
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    steps: list[StepOut]
+
+    @classmethod
+    def of(cls, workflow: Workflow) -> WorkflowOut:
+        """The public view of a stored workflow (with its steps, when read with them)."""
+        return cls(
+            id=workflow.id,
+            name=workflow.name,
+            state=workflow.state,
+            tags=workflow.tags,
+            created_at=workflow.created_at,
+            finished_at=workflow.finished_at,
+            steps=[
+                StepOut(
+                    key=s.key,
+                    job_id=s.job_id,
+                    task=s.task,
+                    state=s.state,
+                    after=s.after,
+                    attempts=s.attempts,
+                )
+                for s in workflow.steps
+            ],
+        )
+
+
+class WorkflowPage(BaseModel):
+    """A page of workflows (without their steps), newest first."""
+
+    items: list[WorkflowOut]
+    next_cursor: str | None
+
+
 class ErrorOut(BaseModel):
     """The last error of a job."""
 
@@ -97,6 +190,8 @@ class JobOut(BaseModel):
     scheduled_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    workflow_id: uuid.UUID | None = None
+    step: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -123,6 +218,8 @@ class JobOut(BaseModel):
             scheduled_at=job.scheduled_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            workflow_id=job.workflow_id,
+            step=job.step,
         )
 
 

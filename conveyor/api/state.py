@@ -19,6 +19,8 @@ from conveyor.jobs import keys, store
 from conveyor.jobs.group_commit import GroupCommitter
 from conveyor.jobs.models import Job
 from conveyor.jobs.outbox import Publisher
+from conveyor.jobs.store import workflows as flows
+from conveyor.jobs.store.workflows import Workflow
 
 KEY_CACHE_SECONDS = 10.0
 # How long a request waits on a broker probe (readiness, queue depths): a frozen broker
@@ -122,6 +124,7 @@ class ApiState:
     limiter: RateLimiter | None = None
     committer: GroupCommitter = field(init=False)
     waiters: Waiters[Job] = field(init=False)
+    workflow_waiters: Waiters[Workflow] = field(init=False)
 
     def __post_init__(self) -> None:
         # Routes call these on request threads: bound them whatever the broker does.
@@ -131,6 +134,7 @@ class ApiState:
             self.queue_depths = BoundedProbe(self.queue_depths)
         self.committer = GroupCommitter(self.sessions, self.publisher)
         self.waiters = Waiters(self._finished_among)
+        self.workflow_waiters = Waiters(self._finished_workflows_among)
         if self.limiter is None:
             self.limiter = RateLimiter(
                 self.settings.api_rate_per_second, float(self.settings.api_rate_burst)
@@ -139,3 +143,7 @@ class ApiState:
     def _finished_among(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
         with self.sessions() as session:
             return store.finished_among(session, job_ids)
+
+    def _finished_workflows_among(self, workflow_ids: list[uuid.UUID]) -> dict[uuid.UUID, Workflow]:
+        with self.sessions() as session:
+            return flows.finished_workflows_among(session, workflow_ids)

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.state import ApiState
 from conveyor.jobs import anomalies, store
+from conveyor.jobs.store import workflows as flows
 from conveyor.observability import logs, metrics, tracing
 
 REQUEST_ID = "x-request-id"
@@ -112,6 +113,7 @@ def state_reader(state: ApiState) -> metrics.StateReading:
         dead = store.dead_counts_by_task(session)
         oldest = store.oldest_queued_by_queue(session)
         flagged = anomalies.open_anomalies(session)
+        workflow_states = flows.workflow_counts(session)
     for states in waiting.values():
         states.pop("rate_limited", None)
     return metrics.StateReading(
@@ -120,6 +122,7 @@ def state_reader(state: ApiState) -> metrics.StateReading:
         dead=dead,
         oldest_queued={q: max(0.0, (now - at).total_seconds()) for q, at in oldest.items()},
         anomalies=flagged,
+        workflows=workflow_states,
     )
 
 

@@ -45,6 +45,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
+            # A workflow step cancelled by the trigger of migration 0008 cancels its own
+            # dependents by the same trigger.
+            cursor.execute("PRAGMA recursive_triggers=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 

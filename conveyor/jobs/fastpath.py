@@ -107,6 +107,12 @@ WITH renewed AS (
 SELECT id, lease_token FROM renewed
 """
 
+# A workflow step's parents that succeeded: their keys and results.
+PARENT_RESULTS_SQL = """
+SELECT p.step, p.result FROM job_parents e JOIN jobs p ON p.id = e.parent_id
+WHERE e.job_id = %(id)s AND (p.state = 'succeeded') IS TRUE
+"""
+
 # The marks of publication of many jobs: one array parameter, whatever their number.
 MARK_SQL = """
 UPDATE jobs SET published_at = now()
@@ -285,6 +291,11 @@ class FastPath:
         """Store a running attempt's progress (PROGRESS_SQL); nothing once it lost the job."""
         params = {"id": job_id, "token": token, "progress": Jsonb(progress)}
         self._execute("progress", PROGRESS_SQL, params)
+
+    def parent_results(self, job_id: uuid.UUID) -> dict[str, Any]:
+        """A workflow step's parents that succeeded: {key: result} (PARENT_RESULTS_SQL)."""
+        cursor = self._execute("progress", PARENT_RESULTS_SQL, {"id": job_id})
+        return {row["step"]: row["result"] for row in cursor.fetchall()}
 
     def mark_published(self, job_ids: Sequence[uuid.UUID]) -> None:
         """Stamp `published_at` on those of the jobs that have none (MARK_SQL)."""

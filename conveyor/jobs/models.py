@@ -90,6 +90,11 @@ class Job:
     traceparent: str | None = None
     request_id: str | None = None
     lease_token: int = 0
+    workflow_id: uuid.UUID | None = None
+    step: str | None = None
+    run_if: str | None = None
+    parents_left: int = 0
+    parents_failed: int = 0
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Job:

@@ -8,6 +8,9 @@ from enum import StrEnum
 class JobState(StrEnum):
     """Every state a job can be in; mirrored by a CHECK constraint on `jobs.state`."""
 
+    # In: a workflow step recorded with parents, or resumed when a parent is retried.
+    # Out: queued when its parents are done (the workflow trigger), cancelled.
+    PENDING = "pending"
     # In: store.create_job with a future run time, store.defer (over a flow-control limit).
     # Out: store.promote when due, store.cancel.
     SCHEDULED = "scheduled"
@@ -30,13 +33,14 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED})
 WAITING_STATES = frozenset({JobState.SCHEDULED, JobState.RETRYING})
 CANCELLABLE_STATES = frozenset(
-    {JobState.SCHEDULED, JobState.QUEUED, JobState.RETRYING, JobState.RUNNING}
+    {JobState.PENDING, JobState.SCHEDULED, JobState.QUEUED, JobState.RETRYING, JobState.RUNNING}
 )
 REQUEUEABLE_STATES = frozenset({JobState.DEAD, JobState.CANCELLED})
 
 # Every edge the store may take; the unit tests hold the store to this table.
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
-    None: frozenset({JobState.SCHEDULED, JobState.QUEUED}),
+    None: frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.QUEUED}),
+    JobState.PENDING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset(
         {JobState.RUNNING, JobState.CANCELLED, JobState.DEAD, JobState.SCHEDULED}
@@ -52,8 +56,8 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     ),
     JobState.RETRYING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.DEAD: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    JobState.DEAD: frozenset({JobState.QUEUED, JobState.PENDING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.PENDING}),
 }
 
 

@@ -124,6 +124,14 @@ jobs = Table(
     # Where the job came from: its W3C traceparent and the API request's id.
     Column("traceparent", String(100), nullable=True),
     Column("request_id", String(100), nullable=True),
+    # A workflow's step: its workflow, its key, when it runs ("succeeded": after all its
+    # parents succeeded; "finished": after all ended), and its parents not yet terminal
+    # and ended other than succeeded (kept by the trigger of migration 0008).
+    Column("workflow_id", Uuid(), nullable=True),
+    Column("step", String(64), nullable=True),
+    Column("run_if", String(16), nullable=True),
+    Column("parents_left", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("parents_failed", Integer, nullable=False, default=0, server_default=text("0")),
     CheckConstraint(_in("state", {s.value for s in JobState}), name="state_known"),
     CheckConstraint(_in("priority", {p.value for p in Priority}), name="priority_known"),
     CheckConstraint(
@@ -151,6 +159,41 @@ jobs = Table(
     # Aggregation and retention read finished jobs by time; both stay off full scans.
     _partial_index("ix_jobs_finished_at", "finished_at"),
     _partial_index("ix_jobs_task_limit_key_state", "task", "limit_key", "state", where="limit_key"),
+    _partial_index("ix_jobs_workflow_id", "workflow_id"),
+)
+
+# A workflow: its steps are jobs; the counts of its unfinished and failed steps move in
+# the steps' own transitions (the trigger of migration 0008).
+workflows = Table(
+    "workflows",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("tags", JSONType, nullable=False),
+    Column("steps_total", Integer, nullable=False),
+    Column("steps_left", Integer, nullable=False),
+    Column("steps_failed", Integer, nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    CheckConstraint(
+        _in("state", {"running", "succeeded", "failed", "cancelled"}), name="state_known"
+    ),
+    Index("ix_workflows_tenant_created", "tenant", "created_at", "id"),
+    _partial_index("uq_workflows_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
+)
+
+# The edges of workflows: `job_id` runs after `parent_id`.
+job_parents = Table(
+    "job_parents",
+    metadata,
+    Column("parent_id", Uuid(), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("job_id", Uuid(), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Index("ix_job_parents_job_id", "job_id"),
 )
 
 job_events = Table(

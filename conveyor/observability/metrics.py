@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
@@ -58,6 +58,9 @@ DURATION_BUCKETS = (
     3600.0,
 )
 
+WORKFLOWS_SUBMITTED = Counter(
+    "conveyor_workflows_submitted_total", "Workflows accepted into the store."
+)
 JOBS_SUBMITTED = Counter(
     "conveyor_jobs_submitted_total", "Jobs accepted into the store.", ["task", "queue"]
 )
@@ -179,6 +182,7 @@ class StateReading:
     dead: dict[str, int]
     oldest_queued: dict[str, float]
     anomalies: list[tuple[str, str]]
+    workflows: dict[str, int] = field(default_factory=dict)
 
 
 class StateCollector(Collector):
@@ -242,6 +246,12 @@ class StateCollector(Collector):
             "1 while a task type's signal departs from its own baseline.",
             ["task", "signal"],
             (([task, signal], 1) for task, signal in set(reading.anomalies)),
+        )
+        yield _gauge(
+            "conveyor_workflows",
+            "Workflows in the store, by state (running, succeeded, failed, cancelled).",
+            ["state"],
+            (([state], count) for state, count in reading.workflows.items()),
         )
 
 

@@ -1,4 +1,4 @@
-"""The demo task types: echo, sleep and fail, for trying the platform out."""
+"""The demo task types: echo, sleep, fail and collect, for trying the platform out."""
 
 from __future__ import annotations
 
@@ -73,3 +73,9 @@ def fail(payload: FailPayload, ctx: TaskContext) -> Any:
             raise PermanentError(message)
         raise InjectedFailure(message)
     return {"attempt": ctx.attempt}
+
+
+@registry.task("demo.collect", EchoPayload)
+def collect(payload: EchoPayload, ctx: TaskContext) -> Any:
+    """Returns its payload and its parents' results: a workflow's fan-in, made visible."""
+    return {"payload": payload.root, "parents": ctx.parent_results}

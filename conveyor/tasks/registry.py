@@ -32,6 +32,11 @@ class TaskContext(Protocol):
         """Record progress that readers of the job see."""
         ...
 
+    @property
+    def parent_results(self) -> dict[str, Any]:
+        """For a workflow step: its parents' results by their keys (succeeded ones only)."""
+        ...
+
 
 class PermanentError(Exception):
     """Raised by a task when retrying cannot help; the job goes dead at once."""

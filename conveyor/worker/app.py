@@ -99,6 +99,7 @@ def create_celery(settings: Settings, *, store_handle: StoreHandle | None = None
         limiter=limiter,
         rate_horizon=settings.rate_horizon_seconds,
         batch_successes=True,
+        finished_steps=lambda steps: _publish_released(handle, publisher, steps),
     )
 
     @worker_shutting_down.connect(weak=False)
@@ -205,6 +206,21 @@ def start_shutdown_watchdog(grace_seconds: float) -> threading.Timer:
 
 def _publish_one(handle: StoreHandle, publisher: CeleryPublisher, job: Job) -> None:
     outbox.publish_recorded(handle.sessions(), publisher, [job])
+
+
+def _publish_released(handle: StoreHandle, publisher: CeleryPublisher, steps: list[Job]) -> None:
+    """Publish the steps that these finished workflow steps released (queued, without a
+    message yet); one the broker does not take now is published by the relay."""
+    from conveyor.jobs.store import workflows
+
+    sessions = handle.sessions()
+    try:
+        with sessions() as session:
+            released = workflows.released_after(session, [step.id for step in steps])
+    except lazy.transient_db_errors() as error:
+        log.warning("could not read the steps released; the relay publishes them: %s", error)
+        return
+    outbox.publish_recorded(sessions, publisher, released)
 
 
 def app_for(settings: Settings, **kwargs: Any) -> Celery:

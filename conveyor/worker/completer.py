@@ -59,6 +59,7 @@ class Completer:
         *,
         lost: Callable[[Job, str], object],
         transient: Callable[[], tuple[type[BaseException], ...]],
+        finished_steps: Callable[[list[Job]], object] = lambda jobs: None,
         max_batch: int = MAX_BATCH,
         linger: float = LINGER_SECONDS,
     ) -> None:
@@ -66,6 +67,7 @@ class Completer:
         self._leases = leases
         self._lost = lost
         self._transient = transient
+        self._finished_steps = finished_steps
         self._max_batch = max_batch
         self.linger = linger  # seconds; settable
         self._flushing = 0
@@ -165,6 +167,14 @@ class Completer:
                     self._write([success])
                 continue
             self.writes += 1
+            steps = [
+                s.job
+                for s in group
+                if s.job.workflow_id is not None and (s.job.id, s.job.lease_token) in moved
+            ]
+            if steps:
+                # What their successes released goes to the broker now, not at the relay.
+                self._finished_steps(steps)
             for success in group:
                 job = success.job
                 self._leases.drop(job.id, job.lease_token)

@@ -31,6 +31,7 @@ class RunContext:
     sessions: Callable[[], sessionmaker[Session]]  # this process's, made on first use
     lost: threading.Event = field(default_factory=threading.Event)
     fast_path: FastPath | None = None  # on PostgreSQL: progress without a session
+    _parents: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def job_id(self) -> str:
@@ -45,6 +46,22 @@ class RunContext:
     def cancelled(self) -> bool:
         """Whether the job was taken from this run (cancelled, or rescued elsewhere)."""
         return self.lost.is_set()
+
+    @property
+    def parent_results(self) -> dict[str, Any]:
+        """For a workflow step: the results of its parents that succeeded, by their keys
+        (read once, when first asked); {} for a job outside a workflow."""
+        if self.job.workflow_id is None:
+            return {}
+        if self._parents is None:
+            if self.fast_path is not None:
+                self._parents = self.fast_path.parent_results(self.job.id)
+            else:
+                from conveyor.jobs.store import workflows
+
+                with self.sessions()() as session:
+                    self._parents = workflows.parent_results(session, self.job.id)
+        return dict(self._parents)
 
     def set_progress(self, progress: Any) -> None:
         """Store progress on the job row while this attempt holds it.

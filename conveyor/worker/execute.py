@@ -18,7 +18,7 @@ from conveyor import lazy
 from conveyor.config import TaskLimits
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.models import Job, JobError
-from conveyor.jobs.states import JobState
+from conveyor.jobs.states import TERMINAL_STATES, JobState
 from conveyor.observability import logs, metrics
 from conveyor.tasks.registry import PermanentError, Registry, UnknownTask
 from conveyor.worker.backoff import retry_delay
@@ -77,6 +77,7 @@ class Executor:
         fast_path: FastPath | None = None,
         rate_horizon: float = 1.0,
         batch_successes: bool = False,
+        finished_steps: Callable[[list[Job]], object] = lambda jobs: None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -86,6 +87,7 @@ class Executor:
         self.leases = leases
         self._limited = sorted(limits or {})
         self._fast_path = fast_path
+        self._finished_steps = finished_steps
         self._claimer = Claimer(
             lease_seconds=lease_seconds,
             limits=limits or {},
@@ -99,6 +101,7 @@ class Executor:
                 leases,
                 lost=self._lost,
                 transient=lazy.transient_db_errors,
+                finished_steps=finished_steps,
             )
 
     def run(self, job_id: uuid.UUID) -> Outcome:
@@ -117,7 +120,13 @@ class Executor:
         job = claim.job
         context = job_context(job)
         with logs.bound(**context):
-            return self._attempt(job, worker, context)
+            outcome = self._attempt(job, worker, context)
+            # A workflow step's transition released the steps after it: publish them (a
+            # success handed to the completer is followed up there, once written).
+            handed_over = outcome.action == "ran-succeeded" and self.completer is not None
+            if job.workflow_id is not None and outcome.state in TERMINAL_STATES and not handed_over:
+                self._finished_steps([job])
+            return outcome
 
     def _claim(self, job_id: uuid.UUID, worker: str) -> Claim:
         """Claim on the fast path when it can; flow control needs a transaction around it."""

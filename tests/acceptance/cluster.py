@@ -212,7 +212,9 @@ class Delivery:
 class Receiver:
     """A local webhook receiver recording each delivery's Idempotency-Key and timing."""
 
-    def __init__(self, hold: float = 0.05) -> None:
+    def __init__(self, hold: float = 0.05, answers: list[int] | None = None) -> None:
+        # The statuses of the first requests, in order; 200 for every one after them.
+        self.answers = list(answers or [])
         self.deliveries: list[Delivery] = []
         self.bodies: dict[str, Any] = {}
         self.started = 0  # requests that have begun, finished or not
@@ -228,8 +230,10 @@ class Receiver:
                 body = json.loads(self.rfile.read(length) or b"null")
                 time.sleep(hold)
                 key = self.headers.get("Idempotency-Key", "")
+                with receiver._lock:
+                    status = receiver.answers.pop(0) if receiver.answers else 200
                 try:
-                    self.send_response(200)
+                    self.send_response(status)
                     self.send_header("content-length", "0")
                     self.end_headers()
                 finally:  # a sender that was stopped and hung up still had this delivery

@@ -20,6 +20,7 @@ S = JobState
 
 def test_the_states_of_the_contract() -> None:
     assert {s.value for s in JobState} == {
+        "pending",
         "scheduled",
         "queued",
         "running",
@@ -35,8 +36,8 @@ def test_table_covers_every_state_and_the_start() -> None:
     assert set(TRANSITIONS) == {None, *JobState}
 
 
-def test_jobs_start_scheduled_or_queued() -> None:
-    assert TRANSITIONS[None] == {S.SCHEDULED, S.QUEUED}
+def test_jobs_start_pending_scheduled_or_queued() -> None:
+    assert TRANSITIONS[None] == {S.PENDING, S.SCHEDULED, S.QUEUED}
 
 
 def test_terminal_states() -> None:
@@ -49,7 +50,8 @@ def test_succeeded_has_no_exit() -> None:
 
 @pytest.mark.parametrize("state", [S.DEAD, S.CANCELLED])
 def test_dead_and_cancelled_leave_only_by_requeue(state: JobState) -> None:
-    assert TRANSITIONS[state] == {S.QUEUED}
+    # Pending: a workflow step retried before its parents are done, or resumed.
+    assert TRANSITIONS[state] == {S.QUEUED, S.PENDING}
 
 
 def test_only_dead_and_cancelled_are_requeueable() -> None:
@@ -61,8 +63,11 @@ def test_only_dead_and_cancelled_are_requeueable() -> None:
 def test_every_edge_of_the_contract() -> None:
     edges = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     assert edges == {
+        (None, S.PENDING),  # a workflow step with parents
         (None, S.SCHEDULED),
         (None, S.QUEUED),
+        (S.PENDING, S.QUEUED),  # released: its parents are done
+        (S.PENDING, S.CANCELLED),  # cancelled, or upstream_failed
         (S.SCHEDULED, S.QUEUED),  # promote
         (S.SCHEDULED, S.CANCELLED),
         (S.QUEUED, S.RUNNING),  # claim
@@ -77,7 +82,9 @@ def test_every_edge_of_the_contract() -> None:
         (S.RETRYING, S.QUEUED),  # promote
         (S.RETRYING, S.CANCELLED),
         (S.DEAD, S.QUEUED),  # requeue
+        (S.DEAD, S.PENDING),  # requeue of a step whose parents are not done
         (S.CANCELLED, S.QUEUED),  # requeue
+        (S.CANCELLED, S.PENDING),  # resumed: the parent that failed is retried
     }
 
 
@@ -97,7 +104,7 @@ def test_nothing_returns_to_the_start_states_but_through_the_table() -> None:
 
 def test_cancellable_states_are_exactly_those_with_an_edge_to_cancelled() -> None:
     assert {s for s in JobState if can_move(s, S.CANCELLED)} == CANCELLABLE_STATES
-    assert {S.SCHEDULED, S.QUEUED, S.RETRYING, S.RUNNING} == CANCELLABLE_STATES
+    assert {S.PENDING, S.SCHEDULED, S.QUEUED, S.RETRYING, S.RUNNING} == CANCELLABLE_STATES
     assert not CANCELLABLE_STATES & TERMINAL_STATES
 
 

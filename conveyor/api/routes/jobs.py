@@ -33,6 +33,7 @@ from conveyor.api.waiting import MAX_WAIT_SECONDS
 from conveyor.jobs import outbox, store
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import TERMINAL_STATES, JobState
+from conveyor.jobs.store import workflows
 from conveyor.observability import logs, metrics
 from conveyor.tasks import UnknownTask, registry
 from conveyor.tasks.submission import Origin, build_new_job
@@ -322,6 +323,11 @@ def cancel_job(job_id: uuid.UUID, key: Submitter, state: State) -> JobOut:
         raise _refused(job_id, current, "only unfinished jobs can be cancelled", "not-cancellable")
     metrics.count_finished(job, "cancelled")
     log.info("job cancelled", job_id=str(job.id), task=job.task, queue=job.queue)
+    if job.workflow_id is not None:
+        # Steps that run whatever it did may have been released by its cancel.
+        with state.sessions() as session:
+            released = workflows.released_after(session, [job.id])
+        outbox.publish_recorded(state.sessions, state.publisher, released)
     return JobOut.of(job)
 
 

@@ -66,7 +66,8 @@ def requeue(
     tenant: str | None = None,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """dead or cancelled → queued under the same id, with its attempts counted afresh.
+    """dead or cancelled → queued under the same id, with its attempts counted afresh
+    (a workflow step whose parents are not done → pending).
 
     The lease token is kept, so the next claim takes a token no earlier run held. A job
     cancelled while running whose run may still be stopping (its lease has not lapsed
@@ -78,14 +79,20 @@ def requeue(
     if before is None or before.state not in REQUEUEABLE_STATES:
         return None
     stopping = before.lease_expires_at is not None and before.lease_expires_at > now
+    # A workflow step whose parents are not all done (or did not all succeed, for one
+    # that runs only on success) waits for them again: it is released when they are.
+    waits = before.workflow_id is not None and (
+        before.parents_left > 0 or (before.run_if == "succeeded" and before.parents_failed > 0)
+    )
+    state = JobState.PENDING if waits else JobState.SCHEDULED if stopping else JobState.QUEUED
     values: dict[str, Any] = {
-        "state": (JobState.SCHEDULED if stopping else JobState.QUEUED).value,
+        "state": state.value,
         "attempts": 0,
         "finished_at": None,
         "cancel_requested": False,
         "worker": None,
         "published_at": None,
-        "run_after": before.lease_expires_at if stopping else None,
+        "run_after": before.lease_expires_at if stopping and not waits else None,
         "updated_at": now,
     }
     if not stopping:

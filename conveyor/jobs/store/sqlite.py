@@ -16,39 +16,16 @@ from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
-from conveyor.jobs.store.writes import held_by, record_event, stamp_published, update_job
+from conveyor.jobs.store.writes import (
+    held_by,
+    new_job_values,
+    record_event,
+    stamp_published,
+    update_job,
+)
 from conveyor.jobs.tables import job_events, jobs
 
 SelectT = TypeVar("SelectT", bound=Select[Any])
-
-
-def _new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
-    waiting = new.run_at is not None and new.run_at > now
-    return {
-        "id": new.id,
-        "tenant": new.tenant,
-        "task": new.task,
-        "state": (JobState.SCHEDULED if waiting else JobState.QUEUED).value,
-        "priority": new.priority,
-        "queue": new.queue,
-        "payload": new.payload,
-        "result": None,
-        "attempts": 0,
-        "max_attempts": new.max_attempts,
-        "timeout_seconds": new.timeout_seconds,
-        "tags": list(new.tags),
-        "idempotency_key": new.idempotency_key,
-        "request_hash": new.request_hash,
-        "cancel_requested": False,
-        "created_at": now,
-        "scheduled_at": new.run_at or now,
-        "run_after": new.run_at if waiting else None,
-        "updated_at": now,
-        "schedule_id": new.schedule_id,
-        "schedule_tick": new.schedule_tick,
-        "traceparent": new.traceparent,
-        "request_id": new.request_id,
-    }
 
 
 class SqliteDriver:
@@ -66,7 +43,7 @@ class SqliteDriver:
     ) -> list[Job]:
         """One INSERT … RETURNING (batched by SQLAlchemy when long), then the events."""
         now = now or self.now(session)
-        rows = [_new_job_values(new, now) for new in new_jobs]
+        rows = [new_job_values(new, now) for new in new_jobs]
         created = [
             Job.from_row(r)
             for r in session.execute(

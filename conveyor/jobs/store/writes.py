@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.models import Job, JobError
+from conveyor.jobs.models import Job, JobError, NewJob
 from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import job_events, jobs
 
@@ -125,3 +125,33 @@ def stamp_published(session: Session, job_ids: Sequence[uuid.UUID], stamp: Any) 
         .where(jobs.c.id.in_(job_ids), jobs.c.published_at.is_(None))
         .values(published_at=stamp)
     )
+
+
+def new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
+    """The row of a new job, queued (or scheduled, when it runs later) at `now`."""
+    waiting = new.run_at is not None and new.run_at > now
+    return {
+        "id": new.id,
+        "tenant": new.tenant,
+        "task": new.task,
+        "state": (JobState.SCHEDULED if waiting else JobState.QUEUED).value,
+        "priority": new.priority,
+        "queue": new.queue,
+        "payload": new.payload,
+        "result": None,
+        "attempts": 0,
+        "max_attempts": new.max_attempts,
+        "timeout_seconds": new.timeout_seconds,
+        "tags": list(new.tags),
+        "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
+        "cancel_requested": False,
+        "created_at": now,
+        "scheduled_at": new.run_at or now,
+        "run_after": new.run_at if waiting else None,
+        "updated_at": now,
+        "schedule_id": new.schedule_id,
+        "schedule_tick": new.schedule_tick,
+        "traceparent": new.traceparent,
+        "request_id": new.request_id,
+    }
