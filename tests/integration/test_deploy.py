@@ -38,7 +38,8 @@ Labels = dict[str, frozenset[str] | None]
 
 QUEUES = frozenset({"high", "default", "low"})
 FINISHED = frozenset({"succeeded", "dead", "cancelled"})
-WAITING = frozenset({"queued", "scheduled", "retrying", "running"})
+WAITING = frozenset({"pending", "queued", "scheduled", "retrying", "running"})
+WORKFLOW_STATES = frozenset({"running", "succeeded", "failed", "cancelled"})
 SIGNALS = frozenset({"failure_rate", "run_p95", "wait_p95"})
 
 # What the platform exports: metric name -> its labels, each with its allowed values
@@ -55,6 +56,8 @@ COUNTERS_AND_GAUGES: dict[str, Labels] = {
     "conveyor_dead_jobs": {"task": None},
     "conveyor_oldest_queued_seconds": {"queue": QUEUES},
     "conveyor_anomaly": {"task": None, "signal": SIGNALS},
+    "conveyor_workflows_submitted_total": {},
+    "conveyor_workflows": {"state": WORKFLOW_STATES},
     "conveyor_worker_consuming": {"queue": QUEUES},
     "conveyor_beat_leader": {},
     "conveyor_beat_ticks_total": {},
@@ -547,6 +550,7 @@ def test_the_expected_metrics_are_exactly_what_the_code_exports() -> None:
         dead={"t": 1},
         oldest_queued={"high": 1.0},
         anomalies=[("t", "run_p95")],
+        workflows={"running": 1},
     )
     for family in exported.StateCollector(lambda: reading).collect():
         found[family.name] = {k for s in family.samples for k in s.labels}

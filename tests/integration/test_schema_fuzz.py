@@ -42,8 +42,11 @@ SEMANTIC_422 = {
     "POST /v1/jobs/batch",
     "POST /v1/schedules",
     "PATCH /v1/schedules/{name}",
+    # A workflow's steps must also form a DAG: known keys in `after`, no cycle.
+    "POST /v1/workflows",
     # Cursors are opaque: only those the API handed out decode.
     "GET /v1/jobs",
+    "GET /v1/workflows",
     # A window is `<n>[smhd]` between one second and 30 days.
     "GET /v1/stats",
 }

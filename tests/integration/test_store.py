@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.jobs import keys, store
 from conveyor.jobs.models import Job, JobError, JobEvent
 from conveyor.jobs.states import TERMINAL_STATES, JobState, can_move
+from conveyor.jobs.store import workflows
 from conveyor.jobs.tables import api_keys, job_events, jobs
 from tests.integration.store_values import ERROR, OTHER_WORKER, T0, TENANT, WORKER, at, new_job
 
@@ -80,6 +81,20 @@ def in_state(db: Store, state: JobState, **overrides: Any) -> Job:
     if state is S.SCHEDULED:
         job: Job = db(store.create_job, new_job(run_at=at(60), **overrides), now=T0)
         return job
+    if state is S.PENDING:
+        # A workflow step waiting for its parent.
+        def pending(session: Session) -> Job:
+            steps = [
+                workflows.NewStep("parent", new_job(**overrides)),
+                workflows.NewStep("child", new_job(**overrides), ("parent",)),
+            ]
+            _, made = workflows.create_workflow(
+                session, tenant="acme", name=None, tags=[], steps=steps, now=T0
+            )
+            return made[1]
+
+        waiting: Job = db(pending)
+        return waiting
     job = db(store.create_job, new_job(**overrides), now=T0)
     if state is S.QUEUED:
         return job
