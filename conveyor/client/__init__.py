@@ -27,14 +27,17 @@ from conveyor.client.calls import (
     _action,
     _answer,
     _Call,
+    _cancel_workflow,
     _dead_letters,
     _get,
+    _get_workflow,
     _http_options,
     _replay,
     _request_options,
     _submit,
     _submit_batch,
     _wait_step,
+    _workflow,
 )
 from conveyor.client.results import (
     ConveyorError,
@@ -44,6 +47,16 @@ from conveyor.client.results import (
     JobError,
     WaitTimeout,
 )
+from conveyor.client.workflows import (
+    Flow,
+    StepSpec,
+    Workflow,
+    WorkflowStep,
+    chain,
+    group,
+    step,
+    steps_of,
+)
 
 __all__ = [
     "AsyncClient",
@@ -51,9 +64,16 @@ __all__ = [
     "ConveyorError",
     "DeadGroup",
     "DeadLetters",
+    "Flow",
     "Job",
     "JobError",
+    "StepSpec",
     "WaitTimeout",
+    "Workflow",
+    "WorkflowStep",
+    "chain",
+    "group",
+    "step",
 ]
 
 T = TypeVar("T")
@@ -136,6 +156,35 @@ class Client:
         """Queue dead jobs again (these ids, or those a filter selects); how many."""
         return self._send(_replay(ids, task, error_type))
 
+    def workflow(
+        self,
+        flow: Flow | Sequence[StepSpec | Mapping[str, Any]],
+        *,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Workflow:
+        """Submit a workflow: a flow built with `step`, `chain` and `group`, or its steps."""
+        return self._send(_workflow(steps_of(flow), name, tags, idempotency_key))
+
+    def get_workflow(self, workflow_id: JobId) -> Workflow:
+        """The workflow and its steps as they are now."""
+        return self._send(_get_workflow(workflow_id))
+
+    def wait_workflow(self, workflow_id: JobId, timeout: float = 60.0) -> Workflow:
+        """The workflow once every step has finished; WaitTimeout if not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        flow = self._send(_get_workflow(workflow_id, _wait_step(deadline)))
+        while not flow.finished and time.monotonic() < deadline:
+            flow = self._send(_get_workflow(workflow_id, _wait_step(deadline)))
+        if not flow.finished:
+            raise WaitTimeout(flow, timeout)
+        return flow
+
+    def cancel_workflow(self, workflow_id: JobId) -> Workflow:
+        """Cancel every unfinished step of the workflow (running ones are stopped)."""
+        return self._send(_cancel_workflow(workflow_id))
+
 
 class AsyncClient:
     """Conveyor's API over an asyncio httpx client; `async with` it or `await aclose()`."""
@@ -212,3 +261,32 @@ class AsyncClient:
     ) -> int:
         """See Client.replay_dead_letters."""
         return await self._send(_replay(ids, task, error_type))
+
+    async def workflow(
+        self,
+        flow: Flow | Sequence[StepSpec | Mapping[str, Any]],
+        *,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Workflow:
+        """See Client.workflow."""
+        return await self._send(_workflow(steps_of(flow), name, tags, idempotency_key))
+
+    async def get_workflow(self, workflow_id: JobId) -> Workflow:
+        """See Client.get_workflow."""
+        return await self._send(_get_workflow(workflow_id))
+
+    async def wait_workflow(self, workflow_id: JobId, timeout: float = 60.0) -> Workflow:
+        """See Client.wait_workflow."""
+        deadline = time.monotonic() + timeout
+        flow = await self._send(_get_workflow(workflow_id, _wait_step(deadline)))
+        while not flow.finished and time.monotonic() < deadline:
+            flow = await self._send(_get_workflow(workflow_id, _wait_step(deadline)))
+        if not flow.finished:
+            raise WaitTimeout(flow, timeout)
+        return flow
+
+    async def cancel_workflow(self, workflow_id: JobId) -> Workflow:
+        """See Client.cancel_workflow."""
+        return await self._send(_cancel_workflow(workflow_id))

@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from conveyor.client.results import ConveyorError, DeadLetters, Job
+from conveyor.client.workflows import Workflow
 
 T = TypeVar("T")
 JobId = uuid.UUID | str
@@ -112,3 +113,27 @@ def _request_options(call: _Call[Any]) -> dict[str, Any]:
 def _wait_step(deadline: float) -> float:
     """Seconds the next `?wait=` request may ask for: what is left, at most a minute."""
     return max(0.0, min(MAX_WAIT_SECONDS, deadline - time.monotonic()))
+
+
+def _workflow(
+    steps: list[dict[str, Any]],
+    name: str | None,
+    tags: Sequence[str] | None,
+    idempotency_key: str | None,
+) -> _Call[Workflow]:
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    body: dict[str, Any] = {"steps": steps, "tags": list(tags or [])}
+    if name is not None:
+        body["name"] = name
+    return _Call("POST", "/v1/workflows", Workflow.from_json, json=body, headers=headers)
+
+
+def _get_workflow(workflow_id: JobId, wait: float = 0.0) -> _Call[Workflow]:
+    params = {"wait": f"{wait:g}"} if wait > 0 else {}
+    timeout = wait + ANSWER_SECONDS if wait > 0 else None
+    path = f"/v1/workflows/{workflow_id}"
+    return _Call("GET", path, Workflow.from_json, params=params, timeout=timeout)
+
+
+def _cancel_workflow(workflow_id: JobId) -> _Call[Workflow]:
+    return _Call("POST", f"/v1/workflows/{workflow_id}/cancel", Workflow.from_json)

@@ -152,8 +152,10 @@ class ConveyorError(Exception):
 
 
 class WaitTimeout(TimeoutError):
-    """The job had not finished when the wait ran out; `job` is how it was last seen."""
+    """The job (or workflow) had not finished when the wait ran out; `job` is how it was
+    last seen."""
 
-    def __init__(self, job: Job, seconds: float) -> None:
-        super().__init__(f"job {job.id} is still {job.state} after {seconds:g} s")
+    def __init__(self, job: Any, seconds: float) -> None:
+        kind = "job" if isinstance(job, Job) else "workflow"
+        super().__init__(f"{kind} {job.id} is still {job.state} after {seconds:g} s")
         self.job = job

@@ -10,7 +10,17 @@ import uuid
 import pytest
 from sqlalchemy import Engine
 
-from conveyor.client import AsyncClient, Client, ConveyorError, Job, WaitTimeout
+from conveyor.client import (
+    AsyncClient,
+    Client,
+    ConveyorError,
+    Job,
+    StepSpec,
+    WaitTimeout,
+    chain,
+    group,
+    step,
+)
 from conveyor.jobs import store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.models import JobError
@@ -120,3 +130,45 @@ def test_the_async_client(live_api: LiveApi, pg_engine: Engine) -> None:
 
     done, fetched, made = asyncio.run(scenario())
     assert done.state == "succeeded" and fetched == done and made == 3
+
+
+def test_a_workflow_built_in_code_submitted_waited_for_and_cancelled(
+    live_api: LiveApi, pg_engine: Engine
+) -> None:
+    flow = chain(
+        step("fetch", "demo.echo", {"n": 1}),
+        group(step("left", "demo.echo"), step("right", "demo.echo")),
+        step("report", "demo.collect", run_if="finished"),
+    )
+    assert [(s["key"], s["after"]) for s in flow.to_json()] == [
+        ("fetch", []),
+        ("left", ["fetch"]),
+        ("right", ["fetch"]),
+        ("report", ["left", "right"]),
+    ]
+    with Client(live_api.url, live_api.key) as conveyor:
+        workflow = conveyor.workflow(flow, name="upload", tags=["t"])
+        assert (workflow.name, workflow.state, workflow.tags) == ("upload", "running", ["t"])
+        assert workflow.step("report").after == ["left", "right"]
+        assert workflow.step("fetch").state == "queued"
+        # Run the steps as workers would, in order; the wait sees the end.
+        for key in ("fetch", "left", "right", "report"):
+            _run(pg_engine, workflow.step(key).job_id, result={"key": key})
+        done = conveyor.wait_workflow(workflow.id, timeout=10)
+        assert done.state == "succeeded" and done.finished
+        assert {s.state for s in done.steps} == {"succeeded"}
+        # A second one, cancelled; waiting on a running one times out with it.
+        other = conveyor.workflow([StepSpec("only", "demo.sleep", {"seconds": 30})])
+        with pytest.raises(WaitTimeout) as timed_out:
+            conveyor.wait_workflow(other.id, timeout=0.2)
+        assert timed_out.value.job.id == other.id
+        cancelled = conveyor.cancel_workflow(other.id)
+        assert cancelled.state == "cancelled"
+        with pytest.raises(ConveyorError) as refused:
+            conveyor.cancel_workflow(other.id)
+        assert refused.value.status == 409
+        with pytest.raises(ConveyorError) as invalid:
+            conveyor.workflow([StepSpec("a", "demo.echo", after=("ghost",))])
+        assert invalid.value.status == 422
+        assert invalid.value.errors is not None
+        assert invalid.value.errors[0]["loc"] == ["body", "steps", 0, "after"]
