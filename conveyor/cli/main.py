@@ -120,6 +120,22 @@ def build_parser() -> Parser:
     listing.add_argument("--state", choices=[s.value for s in JobState])
     listing.add_argument("--limit", type=_positive, default=50)
 
+    flows = commands.add_parser("workflows", help="workflows: graphs of steps")
+    flow_commands = flows.add_subparsers(dest="workflows_command", required=True, metavar="ACTION")
+    flow_submit = flow_commands.add_parser("submit", help="submit a workflow from a JSON file")
+    flow_submit.add_argument("file", help="POST /v1/workflows' body: {name?, steps, tags?}")
+    flow_submit.add_argument("--tenant", default="default")
+    flow_submit.add_argument("--wait", action="store_true", help="wait until it finishes")
+    flow_submit.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+    flow_show = flow_commands.add_parser("show", help="print a workflow as a tree of steps")
+    flow_show.add_argument("id")
+    flow_list = flow_commands.add_parser("list", help="list a tenant's workflows")
+    flow_list.add_argument("--tenant", default="default")
+    flow_list.add_argument("--state", choices=["running", "succeeded", "failed", "cancelled"])
+    flow_list.add_argument("--limit", type=_positive, default=50)
+    flow_cancel = flow_commands.add_parser("cancel", help="cancel a workflow's unfinished steps")
+    flow_cancel.add_argument("id")
+
     sched = commands.add_parser("schedules", help="users' cron and interval schedules")
     sched_commands = sched.add_subparsers(dest="schedules_command", required=True, metavar="ACTION")
     sched_list = sched_commands.add_parser("list", help="list a tenant's schedules")
@@ -262,6 +278,20 @@ def run_command(settings: Settings, args: argparse.Namespace) -> None:
                     commands.jobs_cancel(settings, args.id)
                 case "retry":
                     commands.jobs_retry(settings, args.id)
+        case "workflows":
+            from conveyor.cli import workflows
+
+            match args.workflows_command:
+                case "submit":
+                    sys.exit(
+                        workflows.submit(settings, args.file, args.tenant, args.wait, args.timeout)
+                    )
+                case "show":
+                    workflows.show(settings, args.id)
+                case "list":
+                    workflows.listing(settings, args.tenant, args.state, args.limit)
+                case "cancel":
+                    workflows.cancel(settings, args.id)
         case "schedules":
             commands.schedules_command(settings, args)
         case "dlq":

@@ -113,6 +113,10 @@ def test_every_command_has_help(tmp_path: Path, db_env: dict[str, str], db_file:
         ("jobs", "retry"),
         ("dlq", "list"),
         ("dlq", "replay"),
+        ("workflows", "submit"),
+        ("workflows", "show"),
+        ("workflows", "list"),
+        ("workflows", "cancel"),
     }
     assert contract <= set(paths)
 
@@ -283,3 +287,82 @@ def test_services_refuse_to_start_without_what_they_need(
         assert result.returncode == 2, f"{args}: {result.stderr}"
         assert mentions in one_line_error(result, args)
     assert "a-long-password" not in results[1].stderr
+
+
+def test_workflows_submitted_shown_listed_and_cancelled(
+    tmp_path: Path, db_env: dict[str, str], migrated: Path
+) -> None:
+    def write(name: str, body: object) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps(body))
+        return str(path)
+
+    bad = [
+        (
+            write(
+                "cycle.json",
+                {
+                    "steps": [
+                        {"key": "a", "task": "demo.echo", "after": ["b"]},
+                        {"key": "b", "task": "demo.echo", "after": ["a"]},
+                    ]
+                },
+            ),
+            "cycle",
+        ),
+        (write("unknown.json", {"steps": [{"key": "a", "task": "demo.nosuch"}]}), "demo.nosuch"),
+        (
+            write(
+                "payload.json",
+                {
+                    "steps": [
+                        {"key": "a", "task": "demo.sleep", "payload": {"seconds": -1}},
+                    ]
+                },
+            ),
+            "steps.0.payload.seconds",
+        ),
+        (str(tmp_path / "missing.json"), "cannot read"),
+    ]
+    (tmp_path / "broken.json").write_text("{")
+    bad.append((str(tmp_path / "broken.json"), "not valid JSON"))
+    results = conveyor_many(tmp_path, [(db_env, ["workflows", "submit", f]) for f, _ in bad])
+    for (path, mentions), result in zip(bad, results, strict=True):
+        args = ["workflows", "submit", path]
+        assert result.returncode != 0, args
+        assert mentions in one_line_error(result, args)
+    assert rows(migrated, "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert rows(migrated, "SELECT count(*) AS n FROM workflows")[0]["n"] == 0
+
+    good = write(
+        "etl.json",
+        {
+            "name": "etl",
+            "steps": [
+                {"key": "fetch", "task": "demo.echo", "payload": {"n": 1}},
+                {"key": "transform", "task": "demo.echo", "after": ["fetch"]},
+                {"key": "load", "task": "demo.collect", "after": ["transform"]},
+            ],
+        },
+    )
+    submitted = conveyor(tmp_path, db_env, "workflows", "submit", good)
+    assert submitted.returncode == 0, submitted.stderr
+    workflow_id = uuid.UUID(submitted.stdout.strip().splitlines()[-1])
+    shown = conveyor(tmp_path, db_env, "workflows", "show", str(workflow_id))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"workflow {workflow_id} etl: running (3 steps)"
+    assert lines[1].split()[:2] == ["fetch", "queued"]
+    # Each step is indented below the one it runs after, and names it.
+    assert lines[2].startswith("    transform") and lines[2].endswith("after fetch")
+    assert lines[3].startswith("      load") and "pending" in lines[3]
+    listed = conveyor(tmp_path, db_env, "workflows", "list")
+    assert listed.stdout.split()[:3] == [str(workflow_id), "running", "0/3"]
+    cancelled = conveyor(tmp_path, db_env, "workflows", "cancel", str(workflow_id))
+    assert cancelled.returncode == 0, cancelled.stderr
+    states = rows(migrated, "SELECT state FROM jobs")
+    assert {r["state"] for r in states} == {"cancelled"}
+    again = conveyor(tmp_path, db_env, "workflows", "cancel", str(workflow_id))
+    assert "has finished" in one_line_error(again, ["workflows", "cancel"])
+    missing = conveyor(tmp_path, db_env, "workflows", "show", str(uuid.uuid4()))
+    assert "no workflow" in one_line_error(missing, ["workflows", "show"])
