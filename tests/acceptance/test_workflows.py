@@ -3,6 +3,8 @@ a failure cancelling its dependents and a retry resuming them, run_if "finished"
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from tests.acceptance.cluster import Cluster, Receiver, cluster_context
+from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill, report
 from tests.support import wait_until
 
 TIMEOUT = 60.0
@@ -169,3 +171,83 @@ def test_cancelling_a_running_workflow_stops_its_steps(workers: Cluster) -> None
         timeout=20,
         what="the run to stop",
     )
+
+
+@pytest.fixture
+def killed_workers(
+    pg_engine: Engine, pg_url: str, broker_url: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    yield from cluster_context(pg_url, broker_url, pg_engine, tmp_path, ["default-1", "default-2"])
+
+
+def test_worker_kills_during_a_500_step_workflow_run_every_step_once(
+    killed_workers: Cluster,
+) -> None:
+    cluster = killed_workers
+    rng = random.Random(11)
+    with Receiver() as receiver:
+        parts: list[dict[str, Any]] = []
+        for n in range(497):
+            if n % 4 == 0:
+                task = {
+                    "task": "webhook.deliver",
+                    "payload": {"url": receiver.url, "body": {"n": n}},
+                }
+            else:
+                task = {"task": "demo.sleep", "payload": {"seconds": rng.uniform(0.02, 0.2)}}
+            parts.append({"key": f"part-{n}", "after": ["root"], **task})
+        flow = submit(
+            cluster,
+            [
+                {"key": "root", "task": "demo.echo", "payload": {"go": True}},
+                *parts,
+                {"key": "join", "task": "demo.collect", "after": [p["key"] for p in parts]},
+                {"key": "final", "task": "demo.collect", "after": ["join"]},
+            ],
+        )
+        kills = 0
+        deadline = time.monotonic() + 240
+        assert cluster.client is not None
+        while time.monotonic() < deadline:
+            now = cluster.client.get(f"/v1/workflows/{flow['id']}", headers=cluster.headers())
+            if now.json()["finished_at"] is not None and kills >= 8:
+                break
+            running = cluster.worker_pids()
+            name = rng.choice(sorted(running)) if running else None
+            if name is not None and kills < 16:
+                main, children = running[name]
+                if children and kills % 2 == 0:
+                    kill(rng.choice(children))
+                else:
+                    kill(main, group=True)
+                    cluster.restart(name)
+                kills += 1
+            time.sleep(1.0)
+        done = finished(cluster, flow["id"])
+        assert kills >= 8
+        assert done["state"] == "succeeded", {s["key"]: s["state"] for s in done["steps"]}
+        assert {s["state"] for s in done["steps"]} == {"succeeded"}
+        # Every step succeeded once, no two runs of one step overlapped, every webhook
+        # was delivered, never twice at once; the fan-in was released and ran once.
+        for one in done["steps"]:
+            events = [e for e, _, _ in cluster.events_of(one["job_id"])]
+            assert events.count("succeeded") == 1, (one["key"], events)
+        assert cluster.overlapping_runs() == 0
+        hooks = {s["job_id"] for s in done["steps"] if s["key"].startswith("part-")}
+        delivered = {d.key for d in receiver.deliveries}
+        assert delivered <= hooks and len(delivered) == len(parts[::4])
+        assert receiver.overlaps() == []
+        join = by_key(done)["join"]
+        join_events = [e for e, _, _ in cluster.events_of(join["job_id"])]
+        assert join_events.count("released") == 1
+        final = cluster.job(by_key(done)["final"]["job_id"])
+        assert set(final["result"]["parents"]["join"]["parents"]) == {p["key"] for p in parts}
+        report(
+            test="kills during a 500-step workflow",
+            broker=cluster.broker_url.split(":")[0],
+            steps=len(done["steps"]),
+            kills=kills,
+            restarts=cluster.restarts,
+            join_claims=join_events.count("claimed"),
+            deliveries=len(receiver.deliveries),
+        )
