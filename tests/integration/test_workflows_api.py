@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from conveyor.jobs import keys
+from conveyor.jobs import keys, store
 from conveyor.jobs.db import make_session_factory
 
 PROBLEM = "application/problem+json"
@@ -131,6 +132,9 @@ def test_cancel_and_tenants(client: TestClient, pg_engine: Engine) -> None:
     # ?wait= on a finished workflow answers at once.
     waited = client.get(f"/v1/workflows/{body['id']}?wait=5", headers=headers)
     assert waited.json()["state"] == "cancelled"
+    # Counted in the stats beside the jobs, for its own tenant only.
+    assert client.get("/v1/stats", headers=headers).json()["workflows"] == {"cancelled": 1}
+    assert client.get("/v1/stats", headers=other).json()["workflows"] == {}
 
 
 def test_an_idempotency_key_replays_the_workflow(client: TestClient, pg_engine: Engine) -> None:
@@ -141,3 +145,32 @@ def test_an_idempotency_key_replays_the_workflow(client: TestClient, pg_engine: 
     assert first.json()["id"] == second.json()["id"]
     other = client.post("/v1/workflows", json={**chain(), "name": "other"}, headers=headers)
     assert other.status_code == 422
+
+
+def test_a_waiting_read_is_answered_when_the_last_step_finishes(
+    client: TestClient, pg_engine: Engine
+) -> None:
+    headers = auth(pg_engine)
+    body = client.post("/v1/workflows", json=chain(), headers=headers).json()
+    answers: list[dict[str, Any]] = []
+
+    def wait() -> None:
+        answer = client.get(f"/v1/workflows/{body['id']}?wait=30", headers=headers)
+        answers.append(answer.json())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    sessions = make_session_factory(pg_engine)
+    for one in body["steps"]:
+        with sessions.begin() as session:
+            claimed = store.claim(session, uuid.UUID(one["job_id"]), worker="w", lease_seconds=30)
+            assert claimed is not None, one["key"]
+            store.succeed(
+                session, claimed.id, worker="w", token=claimed.lease_token, result=one["key"]
+            )
+        assert waiter.is_alive() or one is body["steps"][-1]
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    [done] = answers
+    assert done["state"] == "succeeded" and done["finished_at"] is not None
+    assert {s["state"] for s in done["steps"]} == {"succeeded"}

@@ -17,6 +17,7 @@ from conveyor.config import POOLS
 from conveyor.jobs import anomalies, rollups, store
 from conveyor.jobs.quantiles import Quantiles
 from conveyor.jobs.states import JobState
+from conveyor.jobs.store import workflows as flows
 
 router = APIRouter(prefix="/v1", tags=["operations"])
 
@@ -66,6 +67,10 @@ class StatsOut(BaseModel):
     window_seconds: int
     since: dt.datetime
     items: list[TaskStats]
+    workflows: dict[str, int] = Field(
+        default_factory=dict,
+        description="The tenant's workflows started in the window, by state now",
+    )
 
 
 @router.get("/queues", response_model=QueuesOut, responses=PROBLEMS)
@@ -145,7 +150,9 @@ def stats(
     # Rolled-up minutes, plus the few raw jobs past the rollups' watermark.
     with state.sessions() as session:
         found = rollups.window_stats(session, tenant=key.tenant, since=since, now=now)
+        started = flows.workflow_counts(session, tenant=key.tenant, since=since)
     return StatsOut(
+        workflows=started,
         window_seconds=seconds,
         since=since,
         items=[

@@ -339,9 +339,13 @@ def parent_results(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
     return {key: result for key, result in session.execute(statement)}
 
 
-def workflow_counts(session: Session, tenant: str | None = None) -> dict[str, int]:
-    """How many workflows are in each state."""
+def workflow_counts(
+    session: Session, tenant: str | None = None, since: dt.datetime | None = None
+) -> dict[str, int]:
+    """How many workflows are in each state (of a tenant, started since a time)."""
     statement = select(workflows.c.state, func.count()).group_by(workflows.c.state)
     if tenant is not None:
         statement = statement.where(workflows.c.tenant == tenant)
+    if since is not None:
+        statement = statement.where(workflows.c.created_at >= since)
     return {state: int(count) for state, count in session.execute(statement)}
