@@ -84,6 +84,11 @@ class StepIn(StorableBody):
     timeout_seconds: float | None = Field(None, gt=0, le=86400)
     tags: list[Annotated[str, Tag]] = Field(default_factory=list, max_length=20)
 
+    @property
+    def priority_name(self) -> str | None:
+        """The priority the step names, if any."""
+        return self.priority.value if self.priority else None
+
 
 class WorkflowIn(StorableBody):
     """A workflow to submit: 1 to 1,000 steps."""

@@ -18,9 +18,8 @@ from conveyor.config import Settings
 from conveyor.jobs import outbox
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store import workflows as flows
-from conveyor.jobs.workflow_graph import check_graph
-from conveyor.tasks import UnknownTask, registry
-from conveyor.tasks.submission import build_new_job
+from conveyor.tasks import registry
+from conveyor.tasks.submission import StepError, build_steps
 
 
 def _where(loc: Any) -> str:
@@ -47,31 +46,13 @@ def read_workflow(path: str) -> WorkflowIn:
 def new_steps(body: WorkflowIn, tenant: str) -> list[flows.NewStep]:
     """Every step checked (the graph, then each task and payload): one line for the first
     thing wrong."""
-    problems = check_graph([s.key for s in body.steps], [s.after for s in body.steps])
-    if problems:
-        problem = problems[0]
-        raise CommandError(f"steps.{problem.index}.{problem.field}: {problem.message}")
-    made = []
-    for index, item in enumerate(body.steps):
-        try:
-            new = build_new_job(
-                registry,
-                tenant=tenant,
-                task=item.task,
-                payload=item.payload,
-                priority=item.priority.value if item.priority else None,
-                max_attempts=item.max_attempts,
-                timeout_seconds=item.timeout_seconds,
-                tags=item.tags,
-            )
-        except UnknownTask:
-            raise CommandError(f"steps.{index}.task: unknown task {item.task!r}") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = _where(("steps", index, "payload", *first["loc"]))
-            raise CommandError(f"{where}: {first['msg']}") from None
-        made.append(flows.NewStep(item.key, new, tuple(item.after), item.run_if))
-    return made
+    try:
+        return build_steps(registry, body.steps, tenant=tenant)
+    except StepError as error:
+        first = error.errors[0]
+        if error.slug == "invalid-payload":
+            raise CommandError(f"steps.{_where(first['loc'])}: {first['msg']}") from None
+        raise CommandError(f"steps.{_where(error.loc)}: {error.message}") from None
 
 
 def submit(settings: Settings, path: str, tenant: str, wait: bool, timeout: float) -> int:

@@ -43,6 +43,16 @@ class NewJob:
 
 
 @dataclass(frozen=True, slots=True)
+class NewStep:
+    """A step to record: its key, its job, the keys it runs after and on what outcome."""
+
+    key: str
+    job: NewJob
+    after: tuple[str, ...] = ()
+    run_if: str = "succeeded"
+
+
+@dataclass(frozen=True, slots=True)
 class JobError:
     """What went wrong in an attempt."""
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from conveyor.jobs.models import NewJob
+from pydantic import ValidationError
+
+from conveyor.jobs.models import NewJob, NewStep
+from conveyor.jobs.workflow_graph import check_graph
 from conveyor.observability import tracing
 from conveyor.observability.logs import current_request_id
 from conveyor.tasks.json_values import require_storable
-from conveyor.tasks.registry import Registry
+from conveyor.tasks.registry import Registry, UnknownTask
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +85,90 @@ def build_new_job(
         traceparent=origin.traceparent or tracing.new_traceparent(),
         request_id=origin.request_id,
     )
+
+
+class StepLike(Protocol):
+    """A workflow step as a request gives it (the API's StepIn)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def payload(self) -> Any: ...
+
+    @property
+    def after(self) -> Sequence[str]: ...
+
+    @property
+    def run_if(self) -> str: ...
+
+    @property
+    def max_attempts(self) -> int | None: ...
+
+    @property
+    def timeout_seconds(self) -> float | None: ...
+
+    @property
+    def tags(self) -> Sequence[str]: ...
+
+    @property
+    def priority_name(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StepError(Exception):
+    """What is wrong with a workflow's steps: where (`loc`, from the step list), why, and
+    the problem's slug."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    slug: str
+    errors: list[dict[str, Any]]
+
+
+def build_steps(
+    registry: Registry, steps: Sequence[StepLike], *, tenant: str, origin: Origin | None = None
+) -> list[NewStep]:
+    """Every step checked (the graph, then each task and payload) before any is kept:
+    StepError for the first thing wrong, its `errors` naming every place (loc from the
+    step list: `(index, field, ...)`)."""
+    problems = check_graph([s.key for s in steps], [s.after for s in steps])
+    if problems:
+        raise StepError(
+            (problems[0].index, problems[0].field),
+            "the steps do not form a workflow: " + problems[0].message,
+            "invalid-workflow",
+            [{"loc": [p.index, p.field], "msg": p.message} for p in problems],
+        )
+    origin = origin or Origin.current()
+    made = []
+    for index, item in enumerate(steps):
+        try:
+            new = build_new_job(
+                registry,
+                tenant=tenant,
+                task=item.task,
+                payload=item.payload,
+                priority=item.priority_name,
+                max_attempts=item.max_attempts,
+                timeout_seconds=item.timeout_seconds,
+                tags=list(item.tags),
+                origin=origin,
+            )
+        except UnknownTask:
+            message = f"step {item.key!r}: unknown task {item.task!r}"
+            unknown = [{"loc": [index, "task"], "msg": "no task type has this name"}]
+            raise StepError((index, "task"), message, "unknown-task", unknown) from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            message = f"step {item.key!r}: the payload does not match the schema of {item.task!r}"
+            errors: list[dict[str, Any]] = [
+                {"loc": [index, "payload", *e["loc"]], "msg": e["msg"]} for e in error.errors()
+            ]
+            loc = (index, "payload", *first["loc"])
+            raise StepError(loc, message, "invalid-payload", errors) from None
+        made.append(NewStep(item.key, new, tuple(item.after), item.run_if))
+    return made

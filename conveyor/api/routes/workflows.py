@@ -9,19 +9,17 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from conveyor.api.deps import Reader, State, Submitter
-from conveyor.api.problems import Problem, validation_errors
+from conveyor.api.problems import Problem
 from conveyor.api.routes.jobs import PROBLEMS, WaitSeconds, decode_cursor, encode_cursor
-from conveyor.api.schemas import StepIn, WorkflowIn, WorkflowOut, WorkflowPage
+from conveyor.api.schemas import WorkflowIn, WorkflowOut, WorkflowPage
 from conveyor.jobs import outbox
 from conveyor.jobs.store import workflows as flows
-from conveyor.jobs.workflow_graph import check_graph
 from conveyor.observability import logs, metrics
-from conveyor.tasks import UnknownTask, registry
-from conveyor.tasks.submission import Origin, build_new_job
+from conveyor.tasks import registry
+from conveyor.tasks.submission import StepError, build_steps
 
 log = logs.get(__name__)
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
@@ -32,52 +30,17 @@ def _digest(body: WorkflowIn) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _step(item: StepIn, index: int, tenant: str, origin: Origin) -> flows.NewStep:
-    loc = ("body", "steps", index)
-    try:
-        new = build_new_job(
-            registry,
-            tenant=tenant,
-            task=item.task,
-            payload=item.payload,
-            priority=item.priority.value if item.priority else None,
-            max_attempts=item.max_attempts,
-            timeout_seconds=item.timeout_seconds,
-            tags=item.tags,
-            payload_checked=True,
-            origin=origin,
-        )
-    except UnknownTask:
-        raise Problem(
-            422,
-            f"step {item.key!r}: unknown task {item.task!r}",
-            slug="unknown-task",
-            errors=[{"loc": [*loc, "task"], "msg": "no task type has this name"}],
-        ) from None
-    except ValidationError as error:
-        raise Problem(
-            422,
-            f"step {item.key!r}: the payload does not match the schema of {item.task!r}",
-            slug="invalid-payload",
-            errors=validation_errors(error.errors(), (*loc, "payload")),
-        ) from None
-    return flows.NewStep(item.key, new, tuple(item.after), item.run_if)
-
-
 def _steps(body: WorkflowIn, tenant: str) -> list[flows.NewStep]:
     """Every step checked (graph first, then each task and payload) before any is kept."""
-    problems = check_graph([s.key for s in body.steps], [s.after for s in body.steps])
-    if problems:
+    try:
+        return build_steps(registry, body.steps, tenant=tenant)
+    except StepError as error:
         raise Problem(
             422,
-            "the steps do not form a workflow: " + problems[0].message,
-            slug="invalid-workflow",
-            errors=[
-                {"loc": ["body", "steps", p.index, p.field], "msg": p.message} for p in problems
-            ],
-        )
-    origin = Origin.current()
-    return [_step(item, index, tenant, origin) for index, item in enumerate(body.steps)]
+            error.message,
+            slug=error.slug,
+            errors=[{**e, "loc": ["body", "steps", *e["loc"]]} for e in error.errors],
+        ) from None
 
 
 def _submit(

@@ -16,26 +16,22 @@ from typing import Any
 from sqlalchemy import Select, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.models import Job, NewStep
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store.cancellation import cancel
 from conveyor.jobs.store.driver import database_now
 from conveyor.jobs.store.writes import new_job_values
 from conveyor.jobs.tables import job_events, job_parents, jobs, workflows
 
+__all__ = [
+    "NewStep",
+    "Step",
+    "Workflow",
+]
+
 RUNNING = "running"
 CANCELLED = "cancelled"
 WORKFLOW_STATES = ("running", "succeeded", "failed", "cancelled")
-
-
-@dataclass(frozen=True, slots=True)
-class NewStep:
-    """A step to record: its key, its job, the keys it runs after and on what outcome."""
-
-    key: str
-    job: NewJob
-    after: tuple[str, ...] = ()
-    run_if: str = "succeeded"
 
 
 @dataclass(frozen=True, slots=True)
