@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import beat
 
+from conveyor.config import WORKFLOW_TASK
 from conveyor.jobs import leader, outbox, schedules
 from conveyor.jobs.db import db_now
 from conveyor.jobs.models import Job
@@ -98,6 +99,9 @@ def fire_due(app: Any, *, misfire_grace_seconds: float) -> list[Job]:
         ticks, following = schedules.ticks_to_fire(
             schedule, now=now, misfire_grace_seconds=misfire_grace_seconds
         )
+        if schedule.task == WORKFLOW_TASK:
+            created += _fire_workflows(sessions, schedule, ticks, following, now)
+            continue
         try:
             template = build_new_job(
                 registry,
@@ -129,3 +133,38 @@ def fire_due(app: Any, *, misfire_grace_seconds: float) -> list[Job]:
     if created:
         outbox.publish_recorded(sessions, app.conveyor_publisher, created)
     return created
+
+
+def _fire_workflows(
+    sessions: Any, schedule: Any, ticks: list[Any], following: Any, now: Any
+) -> list[Job]:
+    """A schedule that fires a workflow: one per tick, each a trace of its own; the steps
+    that can run at once (to publish)."""
+    from conveyor.api.schemas import WorkflowIn
+    from conveyor.tasks.submission import Origin, build_steps
+
+    runs = []
+    try:
+        body = WorkflowIn.model_validate(schedule.payload)
+        for tick in ticks:
+            origin = Origin(tracing.new_traceparent(), None)
+            runs.append(
+                (tick, build_steps(registry, body.steps, tenant=schedule.tenant, origin=origin))
+            )
+    except Exception as error:  # a task type went away or its schema changed
+        log.warning("schedule %s/%s cannot fire: %s", schedule.tenant, schedule.name, error)
+        return []
+    with sessions.begin() as session:
+        ready = schedules.fire_workflows(
+            session,
+            schedule,
+            runs,
+            following,
+            name=body.name or schedule.name,
+            tags=body.tags,
+            now=now,
+        )
+    if ready:
+        metrics.WORKFLOWS_SUBMITTED.inc(len(runs))
+        metrics.SCHEDULE_FIRED.labels(f"{schedule.tenant}/{schedule.name}").inc(len(runs))
+    return ready

@@ -2,6 +2,7 @@
 
 from conveyor.config.celery_config import (
     RUN_TASK,
+    WORKFLOW_TASK,
     celery_config,
     dead_letter_queue,
     is_amqp,
@@ -20,6 +21,7 @@ __all__ = [
     "EMBEDDED_BROKER",
     "POOLS",
     "RUN_TASK",
+    "WORKFLOW_TASK",
     "Settings",
     "SettingsError",
     "TaskLimits",

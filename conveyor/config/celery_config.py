@@ -9,6 +9,8 @@ from kombu.entity import Exchange, Queue
 from conveyor.config.settings import POOLS, Settings
 
 RUN_TASK = "conveyor.run"
+# A schedule whose task is this fires a workflow: its payload is POST /v1/workflows' body.
+WORKFLOW_TASK = "conveyor.workflow"
 DEAD_LETTER_EXCHANGE = "conveyor.dlx"
 DEAD_LETTER_QUEUE = "conveyor.dead-letters"
 

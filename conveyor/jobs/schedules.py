@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.jobs import store
-from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.models import Job, NewJob, NewStep
+from conveyor.jobs.states import JobState
 from conveyor.jobs.tables import jobs, schedules
 
 MISFIRE_POLICIES = ("run_once", "skip")
@@ -259,6 +261,69 @@ def ticks_to_fire(
     return fire, tick
 
 
+def fire_workflows(
+    session: Session,
+    schedule: Schedule,
+    runs: Sequence[tuple[dt.datetime, Sequence[NewStep]]],
+    next_run_at: dt.datetime,
+    *,
+    name: str | None,
+    tags: Sequence[str],
+    now: dt.datetime,
+) -> list[Job]:
+    """For a schedule that fires a workflow: record one workflow per tick (its first step
+    carries the schedule and tick, so a tick fired already is skipped as for jobs) and
+    advance the schedule, as `fire` does; the steps to publish now."""
+    from conveyor.jobs.store import workflows
+
+    firsts = [
+        (
+            tick,
+            [
+                replace(
+                    steps[0], job=replace(steps[0].job, schedule_id=schedule.id, schedule_tick=tick)
+                ),
+                *steps[1:],
+            ],
+        )
+        for tick, steps in runs
+    ]
+    if not _advance(session, schedule, next_run_at, [tick for tick, _ in runs], now):
+        return []
+    ready: list[Job] = []
+    for _tick, steps in firsts:
+        try:
+            with session.begin_nested():
+                _, jobs = workflows.create_workflow(
+                    session, tenant=schedule.tenant, name=name, tags=tags, steps=steps, now=now
+                )
+        except IntegrityError:
+            continue  # this tick was fired already
+        ready += [job for job in jobs if job.state is JobState.QUEUED]
+    return ready
+
+
+def _advance(
+    session: Session,
+    schedule: Schedule,
+    next_run_at: dt.datetime,
+    ticks: Sequence[dt.datetime],
+    now: dt.datetime,
+) -> bool:
+    """Move the schedule to its next run, unless another beat moved it first."""
+    advanced = session.execute(
+        update(schedules)
+        .where(schedules.c.id == schedule.id, schedules.c.next_run_at == schedule.next_run_at)
+        .values(
+            next_run_at=next_run_at,
+            last_run_at=max(ticks, default=None) or schedule.last_run_at,
+            updated_at=now,
+        )
+        .returning(schedules.c.id)
+    ).first()
+    return advanced is not None
+
+
 def fire(
     session: Session,
     schedule: Schedule,
@@ -271,18 +336,8 @@ def fire(
 
     Advances only if no other beat advanced it first; returns the jobs created.
     """
-    advanced = session.execute(
-        update(schedules)
-        .where(schedules.c.id == schedule.id, schedules.c.next_run_at == schedule.next_run_at)
-        .values(
-            next_run_at=next_run_at,
-            last_run_at=max((j.schedule_tick for j in new_jobs if j.schedule_tick), default=None)
-            or schedule.last_run_at,
-            updated_at=now,
-        )
-        .returning(schedules.c.id)
-    ).first()
-    if advanced is None:
+    ticks = [j.schedule_tick for j in new_jobs if j.schedule_tick]
+    if not _advance(session, schedule, next_run_at, ticks, now):
         return []
     created: list[Job] = []
     for new in new_jobs:

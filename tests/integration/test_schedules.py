@@ -179,3 +179,54 @@ def test_ticks_within_the_grace_all_fire_once_even_from_two_beats(
     assert len(ticks) == 3 == len(set(ticks))
     gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(ticks)}
     assert gaps == {5.0}
+
+
+def test_a_schedule_fires_a_workflow_once_per_tick(
+    platform: object, client: TestClient, pg_engine: Engine
+) -> None:
+    headers = key_headers(pg_engine)
+    flow = {
+        "name": "nightly",
+        "steps": [
+            {"key": "extract", "task": "demo.echo", "payload": {"n": 1}},
+            {"key": "load", "task": "demo.collect", "after": ["extract"]},
+        ],
+    }
+    # The workflow is checked as POST /v1/workflows checks it.
+    refused = client.post(
+        "/v1/schedules",
+        json={
+            "name": "bad",
+            "task": "conveyor.workflow",
+            "interval_seconds": 60,
+            "payload": {"steps": [{"key": "a", "task": "demo.echo", "after": ["ghost"]}]},
+        },
+        headers=headers,
+    )
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["loc"] == ["body", "payload", "steps", 0, "after"]
+    created = client.post(
+        "/v1/schedules",
+        json={
+            "name": "etl",
+            "task": "conveyor.workflow",
+            "interval_seconds": 60,
+            "payload": flow,
+        },
+        headers=headers,
+    )
+    assert created.status_code == 201, created.text
+    _overdue(pg_engine, "etl", minutes=1)
+    ready = fire_due(platform.celery, misfire_grace_seconds=30)  # type: ignore[attr-defined]
+    assert [job.step for job in ready] == ["extract"]
+    assert fire_due(platform.celery, misfire_grace_seconds=30) == []  # type: ignore[attr-defined]
+    listed = client.get("/v1/workflows", headers=headers).json()["items"]
+    assert [(w["name"], w["state"]) for w in listed] == [("nightly", "running")]
+    workflow = client.get(f"/v1/workflows/{listed[0]['id']}", headers=headers).json()
+    assert [(s["key"], s["state"]) for s in workflow["steps"]] == [
+        ("extract", "queued"),
+        ("load", "pending"),
+    ]
+    # The schedule's recent runs name the workflow's first step.
+    schedule = client.get("/v1/schedules/etl", headers=headers).json()
+    assert [run["job_id"] for run in schedule["recent_runs"]] == [workflow["steps"][0]["job_id"]]

@@ -13,11 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from conveyor.api.deps import Reader, State, Submitter
 from conveyor.api.problems import Problem, validation_errors
 from conveyor.api.routes.jobs import PROBLEMS
-from conveyor.api.schemas import StorableBody
+from conveyor.api.schemas import StorableBody, WorkflowIn
+from conveyor.config import WORKFLOW_TASK
 from conveyor.jobs import schedules
 from conveyor.jobs.schedules import Schedule, ScheduleError
 from conveyor.jobs.states import JobState, Priority
 from conveyor.tasks import UnknownTask, registry
+from conveyor.tasks.submission import StepError, build_steps
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -102,7 +104,32 @@ def _out(schedule: Schedule, runs: list[RunOut] | None = None) -> ScheduleOut:
     )
 
 
-def _checked_payload(task: str, payload: Any) -> Any:
+def _checked_workflow(payload: Any, tenant: str) -> Any:
+    """A scheduled workflow's payload (POST /v1/workflows' body), checked as that is."""
+    try:
+        body = WorkflowIn.model_validate(payload)
+    except ValidationError as error:
+        raise Problem(
+            422,
+            f"the payload of a {WORKFLOW_TASK} schedule is a workflow: {{name?, steps, tags?}}",
+            slug="invalid-payload",
+            errors=validation_errors(error.errors(), ("body", "payload")),
+        ) from None
+    try:
+        build_steps(registry, body.steps, tenant=tenant)
+    except StepError as error:
+        raise Problem(
+            422,
+            error.message,
+            slug=error.slug,
+            errors=[{**e, "loc": ["body", "payload", "steps", *e["loc"]]} for e in error.errors],
+        ) from None
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def _checked_payload(task: str, payload: Any, tenant: str) -> Any:
+    if task == WORKFLOW_TASK:
+        return _checked_workflow(payload, tenant)
     try:
         return registry.get(task).validate(payload).model_dump(mode="json")
     except UnknownTask:
@@ -143,7 +170,7 @@ def create_schedule(
     body: ScheduleIn, key: Submitter, state: State, response: Response
 ) -> ScheduleOut:
     """Create a schedule; a bad cron expression, zone, task or payload is a 422."""
-    payload = _checked_payload(body.task, body.payload)
+    payload = _checked_payload(body.task, body.payload, key.tenant)
     try:
         with state.sessions.begin() as session:
             created = schedules.create_schedule(
@@ -199,7 +226,9 @@ def patch_schedule(name: Name, body: SchedulePatch, key: Submitter, state: State
         changes.setdefault("cron", None)
     task = changes.get("task") or schedule.task
     if "task" in changes or "payload" in changes:
-        changes["payload"] = _checked_payload(task, changes.get("payload", schedule.payload))
+        changes["payload"] = _checked_payload(
+            task, changes.get("payload", schedule.payload), key.tenant
+        )
     try:
         with state.sessions.begin() as session:
             updated = schedules.update_schedule(session, schedule, changes)
