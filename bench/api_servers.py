@@ -85,6 +85,21 @@ def api_database(pg_admin_url: str, broker_url: str) -> Iterator[ApiDatabase]:
             engine.dispose()
 
 
+def api_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment of a `conveyor api` (or worker) on these settings, listening on
+    `port`, with no rate limit and warnings only."""
+    return worker_env(
+        {
+            "CONVEYOR_DATABASE_URL": settings.database_url,
+            "CONVEYOR_BROKER_URL": settings.broker_url,
+            "CONVEYOR_API_HOST": HOST,
+            "CONVEYOR_API_PORT": str(port),
+            "CONVEYOR_API_RATE_PER_SECOND": "0",
+            "CONVEYOR_LOG_LEVEL": "WARNING",
+        }
+    )
+
+
 @contextlib.contextmanager
 def api_servers(
     database: ApiDatabase, logs: Path, boot_timeout: float
@@ -92,16 +107,7 @@ def api_servers(
     """Conveyor's API and the bare app, both answering; stopped when the block ends."""
     settings = database.settings
     conveyor_port, bare_port = free_port(), free_port()
-    conveyor_env = worker_env(
-        {
-            "CONVEYOR_DATABASE_URL": settings.database_url,
-            "CONVEYOR_BROKER_URL": settings.broker_url,
-            "CONVEYOR_API_HOST": HOST,
-            "CONVEYOR_API_PORT": str(conveyor_port),
-            "CONVEYOR_API_RATE_PER_SECOND": "0",
-            "CONVEYOR_LOG_LEVEL": "WARNING",
-        }
-    )
+    conveyor_env = api_env(settings, conveyor_port)
     bare_env = worker_env(
         {"BENCH_API_HOST": HOST, "BENCH_API_PORT": str(bare_port), "BENCH_LOG_LEVEL": "WARNING"}
     )

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from bench.api_servers import ApiDatabase, api_database
-from bench.processes import HOST, free_port, running_worker, wait_ready, worker_env
+from bench.api_servers import ApiDatabase, api_database, api_env
+from bench.processes import HOST, free_port, running_worker, wait_ready
 from conveyor.jobs import store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.fastpath import libpq_url
@@ -145,16 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with api_database(args.pg_admin_url, args.broker) as database:
         port = free_port()
-        env = worker_env(
-            {
-                "CONVEYOR_DATABASE_URL": database.settings.database_url,
-                "CONVEYOR_BROKER_URL": args.broker,
-                "CONVEYOR_API_HOST": HOST,
-                "CONVEYOR_API_PORT": str(port),
-                "CONVEYOR_API_RATE_PER_SECOND": "0",
-                "CONVEYOR_LOG_LEVEL": "WARNING",
-            }
-        )
+        env = api_env(database.settings, port)
         argv_api = [sys.executable, "-m", "conveyor", "api"]
         with running_worker("conveyor-api", argv_api, env, logs) as process:
             base = f"http://{HOST}:{port}"

@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy import text
 
-from bench.api_servers import ApiDatabase, api_database
+from bench.api_servers import ApiDatabase, api_database, api_env
 from bench.brokers import BenchBroker
-from bench.processes import HOST, BenchError, free_port, running_worker, wait_ready, worker_env
+from bench.processes import HOST, BenchError, free_port, running_worker, wait_ready
 
 POLL_SECONDS = 0.05
 TIMEOUT = 300.0
@@ -134,16 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     running: dict[str, list[float]] = {"workflow": [], "batch + polling": []}
     with api_database(args.pg_admin_url, args.broker) as database:
         port = free_port()
-        env = worker_env(
-            {
-                "CONVEYOR_DATABASE_URL": database.settings.database_url,
-                "CONVEYOR_BROKER_URL": args.broker,
-                "CONVEYOR_API_HOST": HOST,
-                "CONVEYOR_API_PORT": str(port),
-                "CONVEYOR_API_RATE_PER_SECOND": "0",
-                "CONVEYOR_LOG_LEVEL": "WARNING",
-            }
-        )
+        env = api_env(database.settings, port)
         api = [sys.executable, "-m", "conveyor", "api"]
         worker = [sys.executable, "-m", "conveyor", "worker", "--pool", "default"]
         with (

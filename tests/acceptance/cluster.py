@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -189,6 +190,37 @@ def cluster_context(
     finally:
         cluster.stop_all()
         cluster.platform.store.dispose()
+
+
+def kill_until(
+    cluster: Cluster,
+    rng: random.Random,
+    done: Callable[[], bool],
+    *,
+    at_least: int,
+    at_most: int,
+    seconds: float = 240.0,
+) -> int:
+    """SIGKILL a worker every second (a pool child, or the main process and its group,
+    then started again), at most `at_most` times, until `done()` after `at_least` kills;
+    the number of kills."""
+    kills = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if kills >= at_least and done():
+            break
+        running = cluster.worker_pids()
+        name = rng.choice(sorted(running)) if running else None
+        if name is not None and kills < at_most:
+            main, children = running[name]
+            if children and kills % 2 == 0:
+                kill(rng.choice(children))
+            else:
+                kill(main, group=True)
+                cluster.restart(name)
+            kills += 1
+        time.sleep(1.0)
+    return kills
 
 
 def kill(pid: int, group: bool = False) -> None:

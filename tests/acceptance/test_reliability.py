@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 
 from conveyor.jobs.tables import job_events
 from tests.acceptance import services
-from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill, report
+from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill_until, report
 from tests.support import wait_until
 
 
@@ -59,23 +59,12 @@ def test_kills_lose_nothing_and_never_overlap(default_only: Cluster) -> None:
                 cluster.submit(
                     {"task": "demo.sleep", "payload": {"seconds": rng.uniform(0.05, 0.4)}}
                 )
-        kills = 0
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            finished = sum(cluster.states().get(s, 0) for s in ("succeeded", "dead", "cancelled"))
-            if finished == 500 and kills >= 10:
-                break
-            running = cluster.worker_pids()
-            name = rng.choice(sorted(running)) if running else None
-            if name is not None and kills < 24:
-                main, children = running[name]
-                if children and kills % 2 == 0:
-                    kill(rng.choice(children))
-                else:
-                    kill(main, group=True)
-                    cluster.restart(name)
-                kills += 1
-            time.sleep(1.0)
+
+        def all_finished() -> bool:
+            states = cluster.states()
+            return sum(states.get(s, 0) for s in ("succeeded", "dead", "cancelled")) == 500
+
+        kills = kill_until(cluster, rng, all_finished, at_least=10, at_most=24)
         states = cluster.wait_all_finished(500, timeout=120)
         assert kills >= 10
         assert states == {"succeeded": 500}

@@ -4,7 +4,6 @@ a failure cancelling its dependents and a retry resuming them, run_if "finished"
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill, report
+from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill_until, report
 from tests.support import wait_until
 
 TIMEOUT = 60.0
@@ -205,24 +204,14 @@ def test_worker_kills_during_a_500_step_workflow_run_every_step_once(
                 {"key": "final", "task": "demo.collect", "after": ["join"]},
             ],
         )
-        kills = 0
-        deadline = time.monotonic() + 240
         assert cluster.client is not None
-        while time.monotonic() < deadline:
-            now = cluster.client.get(f"/v1/workflows/{flow['id']}", headers=cluster.headers())
-            if now.json()["finished_at"] is not None and kills >= 8:
-                break
-            running = cluster.worker_pids()
-            name = rng.choice(sorted(running)) if running else None
-            if name is not None and kills < 16:
-                main, children = running[name]
-                if children and kills % 2 == 0:
-                    kill(rng.choice(children))
-                else:
-                    kill(main, group=True)
-                    cluster.restart(name)
-                kills += 1
-            time.sleep(1.0)
+        client = cluster.client
+
+        def workflow_finished() -> bool:
+            now = client.get(f"/v1/workflows/{flow['id']}", headers=cluster.headers())
+            return bool(now.json()["finished_at"] is not None)
+
+        kills = kill_until(cluster, rng, workflow_finished, at_least=8, at_most=16)
         done = finished(cluster, flow["id"])
         assert kills >= 8
         assert done["state"] == "succeeded", {s["key"]: s["state"] for s in done["steps"]}

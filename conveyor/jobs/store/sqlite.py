@@ -11,19 +11,20 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, insert, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session
 
 from conveyor.jobs.models import Job, NewJob
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store.writes import (
     held_by,
+    insert_created,
     new_job_values,
     record_event,
     stamp_published,
     update_job,
 )
-from conveyor.jobs.tables import job_events, jobs
+from conveyor.jobs.tables import jobs
 
 SelectT = TypeVar("SelectT", bound=Select[Any])
 
@@ -44,29 +45,7 @@ class SqliteDriver:
         """One INSERT … RETURNING (batched by SQLAlchemy when long), then the events."""
         now = now or self.now(session)
         rows = [new_job_values(new, now) for new in new_jobs]
-        created = [
-            Job.from_row(r)
-            for r in session.execute(
-                insert(jobs).returning(*jobs.c, sort_by_parameter_order=True), rows
-            ).mappings()
-        ]
-        session.execute(
-            insert(job_events),
-            [
-                {
-                    "job_id": row["id"],
-                    "at": now,
-                    "event": "created",
-                    "from_state": None,
-                    "to_state": row["state"],
-                    "attempt": 0,
-                    "worker": None,
-                    "detail": None,
-                }
-                for row in rows
-            ],
-        )
-        return created
+        return insert_created(session, rows, now)
 
     def mark_published(
         self,

@@ -20,7 +20,7 @@ from conveyor.jobs.models import Job, NewStep
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store.cancellation import cancel
 from conveyor.jobs.store.driver import database_now
-from conveyor.jobs.store.writes import new_job_values
+from conveyor.jobs.store.writes import insert_created, new_job_values
 from conveyor.jobs.tables import job_events, job_parents, jobs, workflows
 
 __all__ = [
@@ -143,27 +143,8 @@ def create_workflow(
         if step.after:
             values.update(state=JobState.PENDING.value, run_after=None)
         rows.append(values)
-    created = [
-        Job.from_row(r)
-        for r in session.execute(
-            insert(jobs).returning(*jobs.c, sort_by_parameter_order=True), rows
-        ).mappings()
-    ]
-    session.execute(
-        insert(job_events),
-        [
-            {
-                "job_id": row["id"],
-                "at": now,
-                "event": "created",
-                "from_state": None,
-                "to_state": row["state"],
-                "attempt": 0,
-                "worker": None,
-                "detail": {"workflow_id": str(workflow_id), "step": row["step"]},
-            }
-            for row in rows
-        ],
+    created = insert_created(
+        session, rows, now, lambda row: {"workflow_id": str(workflow_id), "step": row["step"]}
     )
     ids = {step.key: job.id for step, job in zip(steps, created, strict=True)}
     edges = [

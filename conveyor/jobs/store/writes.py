@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import insert, update
@@ -155,3 +155,36 @@ def new_job_values(new: NewJob, now: dt.datetime) -> dict[str, Any]:
         "traceparent": new.traceparent,
         "request_id": new.request_id,
     }
+
+
+def insert_created(
+    session: Session,
+    rows: Sequence[dict[str, Any]],
+    now: dt.datetime,
+    detail: Callable[[dict[str, Any]], Any] = lambda row: None,
+) -> list[Job]:
+    """Insert new job rows and their `created` events (batched by SQLAlchemy when long);
+    the jobs in the order given."""
+    created = [
+        Job.from_row(r)
+        for r in session.execute(
+            insert(jobs).returning(*jobs.c, sort_by_parameter_order=True), rows
+        ).mappings()
+    ]
+    session.execute(
+        insert(job_events),
+        [
+            {
+                "job_id": row["id"],
+                "at": now,
+                "event": "created",
+                "from_state": None,
+                "to_state": row["state"],
+                "attempt": 0,
+                "worker": None,
+                "detail": detail(row),
+            }
+            for row in rows
+        ],
+    )
+    return created
