@@ -124,7 +124,8 @@ class Recorder:
         self._fast: FastPath | None = None
         if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
             self._fast = FastPath(bind.url.render_as_string(hide_password=False))
-        self._later = DeferredMarks(self.mark_published)
+        # Its writer thread's connection is closed when the thread ends, idle.
+        self._later = DeferredMarks(self.mark_published, on_idle=self.close_thread)
 
     def record(self, new_jobs: Sequence[NewJob]) -> list[Job]:
         """Record the jobs; raises what the database raised, and then none is recorded."""
@@ -132,6 +133,11 @@ class Recorder:
             return self._fast.record(new_jobs)
         with self._sessions.begin() as session:
             return driver_for(session).create_jobs(session, new_jobs, now=None)
+
+    def close_thread(self) -> None:
+        """Close the calling thread's fast-path connections (a thread that is ending)."""
+        if self._fast is not None:
+            self._fast.close()
 
     def mark_published_soon(self, job_ids: Sequence[uuid.UUID]) -> None:
         """`mark_published` within MARK_DELAY, with the other marks made meanwhile."""

@@ -92,7 +92,9 @@ class GroupCommitter:
         self._recorder = recorder_for(sessions)
         self._publisher = publisher
         self._max_batch = max_batch
-        self._marks = DeferredMarks(self._recorder.mark_published, mark_delay)
+        self._marks = DeferredMarks(
+            self._recorder.mark_published, mark_delay, on_idle=self._recorder.close_thread
+        )
         self._waiting: deque[_Waiting] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -132,6 +134,7 @@ class GroupCommitter:
         if thread is not None and thread.is_alive():
             thread.join(timeout)
         self._marks.flush()
+        self._recorder.close_thread()  # the connection that flush may have opened
 
     def _ensure_thread(self) -> None:
         # A forked process inherits no thread.

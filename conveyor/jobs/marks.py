@@ -22,6 +22,9 @@ from collections.abc import Callable, Sequence
 log = logging.getLogger(__name__)
 
 MARK_DELAY = 0.05
+# The writer thread ends after this long with nothing to write (and `on_idle` closes what
+# it held: its database connection); the next mark starts another.
+IDLE_SECONDS = 5.0
 
 Write = Callable[[Sequence[uuid.UUID]], None]
 
@@ -29,9 +32,18 @@ Write = Callable[[Sequence[uuid.UUID]], None]
 class DeferredMarks:
     """Gathers job ids and hands them to `write` together, `delay` after the first."""
 
-    def __init__(self, write: Write, delay: float = MARK_DELAY) -> None:
+    def __init__(
+        self,
+        write: Write,
+        delay: float = MARK_DELAY,
+        *,
+        on_idle: Callable[[], None] = lambda: None,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
         self._write = write
         self._delay = delay
+        self._on_idle = on_idle
+        self._idle_seconds = idle_seconds
         self._pid = -1
         self._own()
         atexit.register(self.flush)
@@ -72,12 +84,28 @@ class DeferredMarks:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                while self._pending and (due := self._since + self._delay - time.monotonic()) > 0:
-                    self._wake.wait(due)
+                if not self._await_marks():
+                    self._thread = None  # under the lock: the next mark starts a writer
+                    break
                 pending, self._pending = self._pending, []
             self._write_quietly(pending)
+        try:
+            self._on_idle()
+        except Exception as error:
+            log.warning("could not close the writer's connection: %s", error)
+
+    def _await_marks(self) -> bool:
+        """Wait (the lock held) until the held marks are due; False after IDLE_SECONDS
+        without any."""
+        idle_until = time.monotonic() + self._idle_seconds
+        while not self._pending:
+            left = idle_until - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.wait(left)
+        while (due := self._since + self._delay - time.monotonic()) > 0:
+            self._wake.wait(due)
+        return True
 
     def _write_quietly(self, job_ids: list[uuid.UUID]) -> None:
         if not job_ids:

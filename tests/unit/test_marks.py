@@ -66,3 +66,22 @@ def test_a_failed_write_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -
     )
     marks.flush()  # nothing held any more
     assert len(writes.calls) == 1
+
+
+def test_an_idle_writer_ends_closing_its_connection_and_the_next_mark_starts_one() -> None:
+    writes = Writes()
+    closed: list[str] = []
+    marks = DeferredMarks(
+        writes,
+        delay=0.01,
+        on_idle=lambda: closed.append(threading.current_thread().name),
+        idle_seconds=0.1,
+    )
+    marks.add([uuid.uuid4()])
+    wait_until(lambda: closed, timeout=5, what="the idle writer to end")
+    assert closed == ["conveyor-marks"] and len(writes.calls) == 1
+    later = [uuid.uuid4()]
+    marks.add(later)
+    wait_until(lambda: len(writes.calls) == 2, timeout=5, what="a new writer's write")
+    assert writes.calls[1][1] == later
+    wait_until(lambda: len(closed) == 2, timeout=5, what="the second writer to end")
