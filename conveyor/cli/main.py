@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 # so `--help` and a bad argument answer quickly.
 from conveyor.cli.errors import CommandError, fail, settings_or_exit
 from conveyor.config import POOLS, Settings
-from conveyor.jobs.states import JobState
+from conveyor.jobs.states import WORKFLOW_STATES, JobState
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import SQLAlchemyError
@@ -131,7 +131,7 @@ def build_parser() -> Parser:
     flow_show.add_argument("id")
     flow_list = flow_commands.add_parser("list", help="list a tenant's workflows")
     flow_list.add_argument("--tenant", default="default")
-    flow_list.add_argument("--state", choices=["running", "succeeded", "failed", "cancelled"])
+    flow_list.add_argument("--state", choices=WORKFLOW_STATES)
     flow_list.add_argument("--limit", type=_positive, default=50)
     flow_cancel = flow_commands.add_parser("cancel", help="cancel a workflow's unfinished steps")
     flow_cancel.add_argument("id")

@@ -30,6 +30,10 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# A workflow's states: running while any step is unfinished, then succeeded if every step
+# did, else failed; cancelled once cancelled.
+WORKFLOW_STATES = ("running", "succeeded", "failed", "cancelled")
+
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED})
 WAITING_STATES = frozenset({JobState.SCHEDULED, JobState.RETRYING})
 CANCELLABLE_STATES = frozenset(

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from conveyor.jobs.states import TERMINAL_STATES, JobState, Priority
+from conveyor.jobs.states import TERMINAL_STATES, WORKFLOW_STATES, JobState, Priority
 
 metadata = MetaData(
     naming_convention={
@@ -180,9 +180,7 @@ workflows = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("finished_at", UTCDateTime(), nullable=True),
-    CheckConstraint(
-        _in("state", {"running", "succeeded", "failed", "cancelled"}), name="state_known"
-    ),
+    CheckConstraint(_in("state", WORKFLOW_STATES), name="state_known"),
     Index("ix_workflows_tenant_created", "tenant", "created_at", "id"),
     _partial_index("uq_workflows_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
 )

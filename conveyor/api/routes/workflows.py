@@ -55,7 +55,7 @@ def _submit(
             if idempotency_key is not None:
                 existing = flows.find_workflow_by_idempotency_key(session, tenant, idempotency_key)
                 if existing is not None:
-                    return _replayed(state, existing, digest), False
+                    return _replayed(existing, digest), False
             workflow, jobs = flows.create_workflow(
                 session,
                 tenant=tenant,
@@ -72,7 +72,7 @@ def _submit(
             existing = flows.find_workflow_by_idempotency_key(session, tenant, idempotency_key)
         if existing is None:
             raise Problem(409, "a request with this Idempotency-Key is in progress") from None
-        return _replayed(state, existing, digest), False
+        return _replayed(existing, digest), False
     ready = [job for job in jobs if job.state.value == "queued"]
     outbox.publish_recorded(state.sessions, state.publisher, ready)
     metrics.count_submitted(jobs)
@@ -80,7 +80,7 @@ def _submit(
     return workflow, True
 
 
-def _replayed(state: State, workflow: flows.Workflow, digest: str | None) -> flows.Workflow:
+def _replayed(workflow: flows.Workflow, digest: str | None) -> flows.Workflow:
     if workflow.request_hash != digest:
         raise Problem(
             422,
@@ -112,7 +112,8 @@ def submit_workflow(
         response.status_code = 200
     response.headers["Location"] = f"/v1/workflows/{workflow.id}"
     log.info("workflow submitted", workflow_id=str(workflow.id), steps=workflow.steps_total)
-    return WorkflowOut.of(_owned(state, workflow.id, key.tenant))
+    # A new workflow was read back with its steps as recorded; a replay is read now.
+    return WorkflowOut.of(workflow if new else _owned(state, workflow.id, key.tenant))
 
 
 @router.get("/{workflow_id}", response_model=WorkflowOut, responses=PROBLEMS)

@@ -31,7 +31,6 @@ __all__ = [
 
 RUNNING = "running"
 CANCELLED = "cancelled"
-WORKFLOW_STATES = ("running", "succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +106,8 @@ def create_workflow(
     """Record the workflow, its steps (with their `created` events) and their edges.
 
     The graph must have been checked (conveyor.jobs.workflow_graph). Steps without
-    parents are queued (or scheduled), the rest pending. Returns the workflow and its
-    steps' jobs, in the order given.
+    parents are queued (or scheduled), the rest pending. Returns the workflow, read back
+    with its steps, and its steps' jobs, in the order given.
     """
     now = database_now(session, now)
     workflow_id = uuid.uuid4()
@@ -154,7 +153,7 @@ def create_workflow(
     ]
     if edges:
         session.execute(insert(job_parents), edges)
-    workflow = get_workflow(session, workflow_id)
+    workflow = get_workflow(session, workflow_id, steps=True)
     assert workflow is not None
     return workflow, created
 
