@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from conveyor import __version__
-from conveyor.api import problems, telemetry
+from conveyor.api import console, problems, telemetry
 from conveyor.api.limits import BodySizeLimit
 from conveyor.api.routes import (
     dead_letters,
@@ -56,6 +56,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.include_router(schedules.router)
     app.include_router(health.router)
     app.include_router(telemetry.router)
+    console.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     # Outermost: even a request refused for its size is counted and logged.
     app.add_middleware(Telemetry)

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: str | None = None
 
+    # Operator console: the key that signs its session cookies (unset: one made once and
+    # kept in the job store, shared by every API process) and how long a session lasts.
+    console_secret: str | None = Field(default=None, min_length=32)
+    console_session_seconds: float = Field(default=8 * 3600, ge=60, le=30 * 86400)
+    # Flower's address as an operator's browser reaches it; the console links each job
+    # to its Celery task there.
+    flower_url: str | None = None
+
     # API limits.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # Requests per second per API key (0: no limit), with bursts up to the burst size.

@@ -10,9 +10,10 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from conveyor.jobs.tables import api_keys
+from conveyor.jobs.tables import api_keys, console_secrets
 
 SCOPES = ("submit", "read", "admin")
 KEY_PREFIX = "cvk_"
@@ -93,3 +94,30 @@ def list_keys(session: Session, *, tenant: str | None = None) -> list[ApiKey]:
         )
         for r in session.execute(statement).mappings()
     ]
+
+
+def get_key(session: Session, key_id: uuid.UUID) -> ApiKey | None:
+    """The live record of a key by its id, or None when unknown or revoked."""
+    row = session.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().first()
+    if row is None or row["revoked_at"] is not None:
+        return None
+    return ApiKey(row["id"], row["tenant"], row["prefix"], frozenset(row["scopes"]), False)
+
+
+def console_secret(session: Session) -> str:
+    """The stored key that signs console sessions; the first caller makes it.
+
+    Two processes making it at once: one insert wins and both read the winner's.
+    """
+    found = session.execute(select(console_secrets.c.secret)).scalar()
+    if found is not None:
+        return str(found)
+    try:
+        with session.begin_nested():
+            session.execute(
+                insert(console_secrets),
+                {"id": 1, "secret": secrets.token_hex(32), "created_at": dt.datetime.now(dt.UTC)},
+            )
+    except IntegrityError:
+        pass
+    return str(session.execute(select(console_secrets.c.secret)).scalar_one())

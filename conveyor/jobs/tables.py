@@ -221,6 +221,16 @@ api_keys = Table(
     Column("revoked_at", UTCDateTime(), nullable=True),
 )
 
+# One row: the key that signs console sessions, made by the first API process that needs
+# it, so every API host behind a balancer accepts the others' sessions.
+console_secrets = Table(
+    "console_secrets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("secret", String(128), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
 schedules = Table(
     "schedules",
     metadata,

@@ -43,14 +43,18 @@ def dead_counts_by_task(session: Session) -> dict[str, int]:
     return {task: int(count) for task, count in session.execute(statement).all()}
 
 
-def oldest_queued_by_queue(session: Session) -> dict[str, dt.datetime]:
-    """When the oldest queued job of each queue became due."""
+def oldest_queued_by_queue(
+    session: Session, *, tenant: str | None = None
+) -> dict[str, dt.datetime]:
+    """When the oldest queued job of each queue (of one tenant, or all) became due."""
     due = func.coalesce(jobs.c.scheduled_at, jobs.c.created_at)
     statement = (
         select(jobs.c.queue, func.min(due))
         .where(jobs.c.state == JobState.QUEUED.value)
         .group_by(jobs.c.queue)
     )
+    if tenant is not None:
+        statement = statement.where(jobs.c.tenant == tenant)
     found = {}
     for queue, at in session.execute(statement).all():
         if at is not None:
