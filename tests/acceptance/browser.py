@@ -30,7 +30,7 @@ def require_chromium() -> None:
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not shutil.which(path):
             raise RuntimeError(
-                f"{path} is missing: apt-get install chromium chromium-driver (.ci/run does)"
+                f"{path} is missing: apt-get install {package} (.ci/run installs it)"
             )
 
 

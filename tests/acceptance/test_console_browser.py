@@ -60,7 +60,7 @@ def console(pg_engine: Engine, pg_url: str, tmp_path: Path) -> Iterator[Console]
         cluster.start("api", ["api"])
         url = f"http://127.0.0.1:{port}"
 
-        def up() -> bool:
+        def up(url: str = url) -> bool:
             try:
                 return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
             except httpx.HTTPError:
