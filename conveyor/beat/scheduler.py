@@ -57,7 +57,7 @@ class ConveyorScheduler(beat.Scheduler):  # type: ignore[misc]
                 maintainer.lead(False)
             return TICK_SECONDS
         if leading != self.leading:
-            log.warning("beat %s %s", self.holder, "leads" if leading else "stands by")
+            log.info("beat %s %s", self.holder, "leads" if leading else "stands by")
             self.leading = leading
         metrics.BEAT_LEADER.set(1 if leading else 0)
         # The platform's own chores (rescue, relay, rollups, retention) run here, on the

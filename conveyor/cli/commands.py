@@ -11,8 +11,9 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from conveyor.api.schemas import JobOut
+from conveyor.cli.consumers import ConsumerWatch
 from conveyor.cli.errors import CommandError
-from conveyor.cli.wiring import build_platform, sessions_for
+from conveyor.cli.wiring import command_platform, sessions_for
 from conveyor.config import Settings
 from conveyor.jobs import keys, outbox, store
 from conveyor.jobs.models import Job
@@ -89,7 +90,7 @@ def submit_file(
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             raise CommandError(f"line {number}: {where}: {first['msg']}") from None
-    platform = build_platform(settings)
+    platform = command_platform(settings)
     done = 0
     for start in range(0, len(new_jobs), 500):
         chunk = new_jobs[start : start + 500]
@@ -145,16 +146,18 @@ def submit(
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
         raise CommandError(f"invalid payload for {task}: {where}: {first['msg']}") from None
-    platform = build_platform(settings)
+    platform = command_platform(settings)
     job = outbox.submit(platform.sessions, platform.publisher, [new])[0]
     if not wait:
         print(job.id)
         return 0
     deadline = time.monotonic() + wait_timeout
+    watch = ConsumerWatch(platform, job.queue, f"job {job.id}")
     while time.monotonic() < deadline:
         with platform.sessions() as session:
             current = store.get_job(session, job.id)
         assert current is not None
+        watch.check(started=current.started_at is not None)
         if store.is_terminal(current.state):
             print(job_json(current))
             return 0 if current.state == JobState.SUCCEEDED else 1
@@ -190,7 +193,7 @@ def jobs_cancel(settings: Settings, job_id: str) -> None:
 
 def jobs_retry(settings: Settings, job_id: str) -> None:
     """Queue a dead or cancelled job again under the same id."""
-    platform = build_platform(settings)
+    platform = command_platform(settings)
     with platform.sessions.begin() as session:
         job = store.requeue(session, parse_job_id(job_id))
     if job is None:
@@ -209,7 +212,7 @@ def dlq_list(settings: Settings, limit: int) -> None:
 
 def dlq_replay(settings: Settings, ids: list[str], task: str | None) -> None:
     """Queue dead jobs again: the given ids, or every dead job (of one task type)."""
-    platform = build_platform(settings)
+    platform = command_platform(settings)
     with platform.sessions() as session:
         if ids:
             targets = [parse_job_id(i) for i in ids]

@@ -9,15 +9,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 
 from conveyor.api.app import create_app
+from conveyor.cli.handover import HandoverServer
+from conveyor.cli.health_report import HealthReport
 from conveyor.cli.wiring import Platform, build_platform, run_migrations, sessions_for
 from conveyor.config import POOLS, Settings
-from conveyor.jobs import keys
+from conveyor.jobs import keys, outbox, store
 from conveyor.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ def banner(settings: Settings, key: str) -> str:
     return "\n".join(
         [
             f"Conveyor API: {url}  (docs: {url}/docs)",
+            f"Console: {url}/ui/  (sign in with this key)",
             f"Admin API key (shown once): {key}",
             "Submit a job:",
             f"  curl -s -X POST {url}/v1/jobs -H 'Authorization: Bearer {key}'"
@@ -112,6 +116,9 @@ def run_embedded(settings: Settings) -> None:
         platform.celery, thread=True, scheduler_cls=platform.celery.conf.beat_scheduler
     )
     beat.start()
+    handover = _handover(platform)
+    health = HealthReport(platform, settings.health_log_seconds)
+    health.start()
     print(banner(settings, key), flush=True)
     config = uvicorn.Config(
         create_app(platform.api_state()),
@@ -125,8 +132,32 @@ def run_embedded(settings: Settings) -> None:
     try:
         uvicorn.Server(config).run()
     finally:
+        health.stop()
+        if handover is not None:
+            handover.stop()
         beat.stop()
         workers.stop()
+
+
+def _handover(platform: Platform) -> HandoverServer | None:
+    """Listen for jobs that commands record on this database (cli/handover.py)."""
+
+    def publish(ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        with platform.sessions() as session:
+            found = [store.get_job(session, job_id) for job_id in ids]
+        ready = [job for job in found if job is not None]
+        published, _taken = outbox.publish_ready(platform.publisher, ready)
+        return published
+
+    server = HandoverServer(platform.settings.database_url, publish, POOLS)
+    try:
+        server.start()
+    except OSError as error:
+        log.warning(
+            "commands' jobs wait for the relay: cannot listen on %s: %s", server.path, error
+        )
+        return None
+    return server
 
 
 @dataclass

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 from celery import Celery
 
 from conveyor.cli.errors import CommandError
+from conveyor.cli.handover import HandoverPublisher
 from conveyor.config import Settings
+from conveyor.jobs.outbox import Publisher
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import bounded_connection, queue_depths
@@ -34,6 +36,8 @@ class Platform:
     settings: Settings
     store: StoreHandle
     celery: Celery
+    # A command's jobs under the embedded broker go to the running platform to publish.
+    handover: HandoverPublisher | None = None
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -41,8 +45,10 @@ class Platform:
         return self.store.sessions()
 
     @property
-    def publisher(self) -> CeleryPublisher:
-        """The publisher of the Celery app."""
+    def publisher(self) -> Publisher:
+        """The publisher of the Celery app (or, for a command, of the embedded platform)."""
+        if self.handover is not None:
+            return self.handover
         publisher: CeleryPublisher = self.celery.conveyor_publisher
         return publisher
 
@@ -77,6 +83,15 @@ def build_platform(settings: Settings, *, pool_size: int = 5) -> Platform:
     """The store handle and Celery app for these settings."""
     handle = StoreHandle(settings.database_url, pool_size=pool_size)
     return Platform(settings, handle, create_celery(settings, store_handle=handle))
+
+
+def command_platform(settings: Settings) -> Platform:
+    """The platform of a one-shot command that records jobs: under the embedded broker,
+    its jobs are handed to the running platform (cli/handover.py)."""
+    platform = build_platform(settings)
+    if settings.embedded:
+        platform.handover = HandoverPublisher(settings.database_url)
+    return platform
 
 
 def engine_for(settings: Settings) -> Engine:

@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from conveyor.api.schemas import WorkflowIn
+from conveyor.cli.consumers import ConsumerWatch
 from conveyor.cli.errors import CommandError
-from conveyor.cli.wiring import build_platform, sessions_for
+from conveyor.cli.wiring import command_platform, sessions_for
 from conveyor.config import Settings
 from conveyor.jobs import outbox
 from conveyor.jobs.states import JobState
@@ -60,7 +61,7 @@ def submit(settings: Settings, path: str, tenant: str, wait: bool, timeout: floa
     (exit 0 when it succeeded, 1 otherwise)."""
     body = read_workflow(path)
     steps = new_steps(body, tenant)
-    platform = build_platform(settings)
+    platform = command_platform(settings)
     with platform.sessions.begin() as session:
         workflow, jobs = flows.create_workflow(
             session, tenant=tenant, name=body.name, tags=body.tags, steps=steps
@@ -71,10 +72,13 @@ def submit(settings: Settings, path: str, tenant: str, wait: bool, timeout: floa
         print(workflow.id)
         return 0
     deadline = time.monotonic() + timeout
+    queue = ready[0].queue if ready else "default"
+    watch = ConsumerWatch(platform, queue, f"workflow {workflow.id}")
     while time.monotonic() < deadline:
         with platform.sessions() as session:
             current = flows.get_workflow(session, workflow.id, steps=True)
         assert current is not None
+        watch.check(started=any(step.attempts for step in current.steps))
         if current.finished:
             print(tree(current))
             return 0 if current.state == "succeeded" else 1

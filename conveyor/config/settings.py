@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     default_timeout_seconds: float = Field(default=300.0, gt=0)
     relay_interval_seconds: float = Field(default=1.0, gt=0)
     relay_grace_seconds: float = Field(default=10.0, ge=0)
+    # `conveyor up` prints a line of the platform's health this often.
+    health_log_seconds: float = Field(default=60.0, gt=0)
 
     # Stats rollups and retention (the conveyor.aggregate and conveyor.cleanup tasks).
     aggregate_interval_seconds: float = Field(default=15.0, gt=0)

@@ -23,6 +23,24 @@ JOB_FIELDS = ("job_id", "task", "attempt", "tenant", "queue", "trace_id", "reque
 
 # Celery's loggers of one line per task: a message received, a task finished.
 PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+# Lines of starting up and of each maintenance tick (beat sending its due tasks, a
+# consumer connecting, Alembic loading its plugins, uvicorn starting): kept for DEBUG,
+# so INFO shows what a person watches for: jobs failing, the platform's health.
+QUIET_LOGGERS = (
+    "alembic",
+    "celery.beat",
+    "celery.worker.consumer",
+    "celery.apps.worker",
+    "celery.bootsteps",
+    "uvicorn.error",
+)
+# kombu warns of this for every connection to the in-process broker, which has no host.
+_NO_HOST = "No hostname was supplied"
+
+
+class _DropNoHost(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_HOST)
 
 
 def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
@@ -65,8 +83,11 @@ def setup(level: str, fmt: str = "auto", service: str = "conveyor") -> None:
     # Celery writes two INFO lines per task (received, succeeded) beside Conveyor's own
     # per-job lines, which carry more: they are kept for DEBUG.
     chatty = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
-    for name in PER_TASK_LOGGERS:
+    for name in (*PER_TASK_LOGGERS, *QUIET_LOGGERS):
         logging.getLogger(name).setLevel(chatty)
+    kombu = logging.getLogger("kombu.connection")
+    if not any(isinstance(f, _DropNoHost) for f in kombu.filters):
+        kombu.addFilter(_DropNoHost())
 
 
 def bind(**values: Any) -> None:

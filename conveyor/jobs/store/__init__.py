@@ -18,6 +18,7 @@ from conveyor.jobs.store.gauges import (
     count_running,
     counts_by_queue,
     dead_counts_by_task,
+    finished_since,
     oldest_queued_by_queue,
 )
 from conveyor.jobs.store.leases import expired_leases, extend_stop_windows, renew_leases, rescue
@@ -79,6 +80,7 @@ __all__ = [
     "fail_retry",
     "find_by_idempotency_key",
     "finished_among",
+    "finished_since",
     "forget_overtaken_publications",
     "forget_publication",
     "forget_publications",

@@ -70,3 +70,11 @@ def count_running(session: Session, *, task: str, limit_key: str) -> int:
         jobs.c.state == JobState.RUNNING.value,
     )
     return int(session.execute(statement).scalar_one())
+
+
+def finished_since(session: Session, since: dt.datetime) -> dict[str, int]:
+    """Jobs of every tenant that reached each terminal state since `since`."""
+    statement = (
+        select(jobs.c.state, func.count()).where(jobs.c.finished_at >= since).group_by(jobs.c.state)
+    )
+    return {state: int(count) for state, count in session.execute(statement).all()}
