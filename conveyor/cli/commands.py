@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from conveyor.api.schemas import JobOut
 from conveyor.cli.consumers import ConsumerWatch
 from conveyor.cli.errors import CommandError
+from conveyor.cli.tables import print_table, progress
 from conveyor.cli.wiring import command_platform, sessions_for
 from conveyor.config import Settings
 from conveyor.jobs import keys, outbox, store
@@ -43,12 +44,19 @@ def keys_list(settings: Settings, tenant: str | None) -> None:
     """Print each key's id, tenant, prefix, scopes and whether it is revoked."""
     with sessions_for(settings)() as session:
         found = keys.list_keys(session, tenant=tenant)
-    for record in found:
-        status = "revoked" if record.revoked else "live"
-        print(
-            f"{record.id}  {record.tenant:<20}  {record.prefix}…  "
-            f"{','.join(sorted(record.scopes)):<20}  {status}"
-        )
+    print_table(
+        ["ID", "TENANT", "PREFIX", "SCOPES", "STATUS"],
+        [
+            (
+                r.id,
+                r.tenant,
+                f"{r.prefix}…",
+                ",".join(sorted(r.scopes)),
+                "revoked" if r.revoked else "live",
+            )
+            for r in found
+        ],
+    )
 
 
 def keys_revoke(settings: Settings, key_id: str) -> None:
@@ -92,12 +100,13 @@ def submit_file(
             raise CommandError(f"line {number}: {where}: {first['msg']}") from None
     platform = command_platform(settings)
     done = 0
-    for start in range(0, len(new_jobs), 500):
-        chunk = new_jobs[start : start + 500]
-        outbox.submit(platform.sessions, platform.publisher, chunk)
-        done += len(chunk)
-        _progress(done, len(new_jobs))
-    sys.stderr.write("\n")
+    with progress("submitting") as bar:
+        counter = bar.add_task("jobs", total=len(new_jobs))
+        for start in range(0, len(new_jobs), 500):
+            chunk = new_jobs[start : start + 500]
+            outbox.submit(platform.sessions, platform.publisher, chunk)
+            done += len(chunk)
+            bar.update(counter, completed=done)
     print(f"submitted {done} jobs")
 
 
@@ -106,12 +115,6 @@ def _open(path: str) -> TextIO:
         return open(path, encoding="utf-8")
     except OSError as error:
         raise CommandError(f"cannot read {path}: {error.strerror}") from None
-
-
-def _progress(done: int, total: int, width: int = 30) -> None:
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    sys.stderr.flush()
 
 
 def parse_job_id(text: str) -> uuid.UUID:
@@ -178,8 +181,10 @@ def jobs_list(settings: Settings, state: str | None, limit: int) -> None:
     """Print jobs newest first, one line each."""
     with sessions_for(settings)() as session:
         found = store.list_jobs(session, state=JobState(state) if state else None, limit=limit)
-    for job in found:
-        print(f"{job.id}  {job.state.value:<9}  {job.task:<20}  {job.created_at.isoformat()}")
+    print_table(
+        ["ID", "STATE", "TASK", "CREATED"],
+        [(j.id, j.state.value, j.task, j.created_at.isoformat()) for j in found],
+    )
 
 
 def jobs_cancel(settings: Settings, job_id: str) -> None:
@@ -206,8 +211,10 @@ def dlq_list(settings: Settings, limit: int) -> None:
     """Print dead jobs, newest first."""
     with sessions_for(settings)() as session:
         found = store.list_jobs(session, state=JobState.DEAD, limit=limit)
-    for job in found:
-        print(f"{job.id}  {job.task:<20}  {job.error_type or '-':<30}  {job.attempts} attempts")
+    print_table(
+        ["ID", "TASK", "ERROR", "ATTEMPTS"],
+        [(j.id, j.task, j.error_type or "-", j.attempts) for j in found],
+    )
 
 
 def dlq_replay(settings: Settings, ids: list[str], task: str | None) -> None:
@@ -238,11 +245,19 @@ def schedules_command(settings: Settings, args: Any) -> None:
     if action == "list":
         with sessions() as session:
             found = schedules.list_schedules(session, args.tenant)
-        for item in found:
-            timing = item.cron or f"every {item.interval_seconds:g}s"
-            status = "enabled" if item.enabled else "paused"
-            next_run = item.next_run_at.isoformat() if item.next_run_at else "-"
-            print(f"{item.name:<24} {item.task:<20} {timing:<20} {status:<8} next {next_run}")
+        print_table(
+            ["NAME", "TASK", "TIMING", "STATUS", "NEXT RUN"],
+            [
+                (
+                    item.name,
+                    item.task,
+                    item.cron or f"every {item.interval_seconds:g}s",
+                    "enabled" if item.enabled else "paused",
+                    item.next_run_at.isoformat() if item.next_run_at else "-",
+                )
+                for item in found
+            ],
+        )
         return
     if action == "add":
         try:

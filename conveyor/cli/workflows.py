@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from conveyor.api.schemas import WorkflowIn
 from conveyor.cli.consumers import ConsumerWatch
 from conveyor.cli.errors import CommandError
+from conveyor.cli.tables import print_table
 from conveyor.cli.wiring import command_platform, sessions_for
 from conveyor.config import Settings
 from conveyor.jobs import outbox
@@ -123,12 +124,19 @@ def listing(settings: Settings, tenant: str, state: str | None, limit: int) -> N
     """Print a tenant's workflows newest first, one line each."""
     with sessions_for(settings)() as session:
         found = flows.list_workflows_page(session, tenant=tenant, state=state, limit=limit)
-    for w in found:
-        done = w.steps_total - w.steps_left
-        print(
-            f"{w.id}  {w.state:<9}  {done}/{w.steps_total} steps  "
-            f"{w.created_at.isoformat()}  {w.name or ''}".rstrip()
-        )
+    print_table(
+        ["ID", "STATE", "STEPS", "CREATED", "NAME"],
+        [
+            (
+                w.id,
+                w.state,
+                f"{w.steps_total - w.steps_left}/{w.steps_total}",
+                w.created_at.isoformat(),
+                w.name,
+            )
+            for w in found
+        ],
+    )
 
 
 def cancel(settings: Settings, workflow_id: str) -> None:

@@ -357,7 +357,9 @@ def test_workflows_submitted_shown_listed_and_cancelled(
     assert lines[2].startswith("    transform") and lines[2].endswith("after fetch")
     assert lines[3].startswith("      load") and "pending" in lines[3]
     listed = conveyor(tmp_path, db_env, "workflows", "list")
-    assert listed.stdout.split()[:3] == [str(workflow_id), "running", "0/3"]
+    header, _rule, row = listed.stdout.splitlines()[:3]
+    assert header.split() == ["ID", "STATE", "STEPS", "CREATED", "NAME"]
+    assert row.split()[:3] == [str(workflow_id), "running", "0/3"]
     cancelled = conveyor(tmp_path, db_env, "workflows", "cancel", str(workflow_id))
     assert cancelled.returncode == 0, cancelled.stderr
     states = rows(migrated, "SELECT state FROM jobs")
