@@ -10,7 +10,6 @@ from celery import Celery
 from conveyor.cli.errors import CommandError
 from conveyor.cli.handover import HandoverPublisher
 from conveyor.config import Settings
-from conveyor.jobs.outbox import Publisher
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import bounded_connection, queue_depths
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from conveyor.api.state import ApiState
+    from conveyor.jobs.outbox import Publisher
 
 
 def setup_logging(settings: Settings, service: str = "conveyor") -> None:

@@ -85,14 +85,13 @@ def test_traceparents_are_written_as_the_propagator_writes_them() -> None:
         assert tracing.current_traceparent() == carrier["traceparent"]
 
 
-def test_celery_per_task_lines_are_kept_for_debug() -> None:
+def test_celery_per_task_and_startup_lines_are_kept_for_debug() -> None:
     logs.setup("INFO", "json")
-    assert all(
-        not logging.getLogger(name).isEnabledFor(logging.INFO) for name in logs.PER_TASK_LOGGERS
-    )
-    assert logging.getLogger("celery.worker.consumer").isEnabledFor(logging.INFO)
+    quiet = [*logs.PER_TASK_LOGGERS, *logs.QUIET_LOGGERS]
+    assert all(not logging.getLogger(name).isEnabledFor(logging.INFO) for name in quiet)
+    # What goes wrong is still shown: a consumer that loses its broker, say.
+    assert logging.getLogger("celery.worker.consumer.consumer").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("conveyor.worker.execute").isEnabledFor(logging.INFO)
     logs.setup("DEBUG", "json")
-    assert all(
-        logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in logs.PER_TASK_LOGGERS
-    )
+    assert all(logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in quiet)
     logs.setup("INFO", "json")
