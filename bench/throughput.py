@@ -90,6 +90,7 @@ class Options:
     boot_timeout: float
     keep_logs: bool
     bare_config: str = "conveyor"
+    task_events: bool = False
 
     @property
     def bare_queue(self) -> str:
@@ -203,6 +204,7 @@ def bare_worker_argv(opts: Options) -> list[str]:
         opts.loglevel,
         "--without-mingle",
         "--without-gossip",
+        *(["--task-events"] if opts.task_events else []),
     ]
 
 
@@ -306,6 +308,7 @@ def conveyor_worker_env(opts: Options, settings: Settings) -> dict[str, str]:
             "CONVEYOR_PREFETCH_MULTIPLIER": str(opts.prefetch),
             "CONVEYOR_WORKER_POOL_CLASS": opts.pool,
             "CONVEYOR_LOG_LEVEL": opts.loglevel,
+            "CONVEYOR_TASK_EVENTS": "true" if opts.task_events else "false",
         }
     )
 
@@ -391,7 +394,7 @@ def report(opts: Options, bare: Result, conveyor: Result) -> str:
     header = (
         f"{opts.jobs} jobs | broker {opts.broker} | pool {opts.pool} | "
         f"concurrency {opts.concurrency} | prefetch {opts.prefetch} | loglevel {opts.loglevel} | "
-        f"Conveyor batch {opts.batch}"
+        f"Conveyor batch {opts.batch} | task events {'on' if opts.task_events else 'off'}"
     )
     clock = (
         "drain clock: first completion -> last completion, rate = (N-1)/span; "
@@ -461,6 +464,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default="conveyor",
         help="the bare side's Celery configuration: Conveyor's own, or Celery's defaults",
     )
+    parser.add_argument(
+        "--task-events",
+        action="store_true",
+        help="workers send Celery's task events, both sides (as once Flower has connected)",
+    )
     args = parser.parse_args(argv)
     check_bench_broker(parser, args.broker, amqp=True)
     return Options(
@@ -477,6 +485,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         boot_timeout=args.boot_timeout,
         keep_logs=args.keep_logs,
         bare_config=args.bare_config,
+        task_events=args.task_events,
     )
 
 

@@ -94,6 +94,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Short jobs must not wait behind long ones held in a prefetch buffer.
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "worker_send_task_events": settings.task_events,
         # A task still running after its connection dropped would run twice.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,

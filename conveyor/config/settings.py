@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # Flower's address as an operator's browser reaches it; the console links each job
     # to its Celery task there.
     flower_url: str | None = None
+    # Workers send Celery's task events (for Flower) from the start; Flower turns them on
+    # in every worker when it connects anyway.
+    task_events: bool = False
 
     # API limits.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)

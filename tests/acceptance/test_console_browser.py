@@ -113,7 +113,7 @@ def test_an_operator_finds_a_dead_job_retries_it_and_sees_it_succeed(
             "the page to show the retried job succeeded",
         )
         assert console.state(job_id) == "succeeded"
-        assert "Attempt 1" in browser.text()
+        assert "Attempt 1 after retry 1" in browser.text() and "Queued again" in browser.text()
         browser.shot("job-retried")
 
 

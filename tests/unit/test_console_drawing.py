@@ -36,3 +36,27 @@ def test_bars_scale_to_the_largest_value_and_skip_missing_ones() -> None:
     assert svg.count("<rect") == 3
     assert 'height="54.0"' in svg and 'height="13.5"' in svg
     assert "jobs &lt;per&gt; minute" in svg
+
+
+def test_a_jobs_timeline_has_a_section_per_run_and_per_retry() -> None:
+    from types import SimpleNamespace
+
+    from conveyor.api.console.pages import timeline
+
+    names = [
+        ("created", 0),
+        ("claimed", 1),
+        ("succeeded", 1),
+    ]
+    made = [SimpleNamespace(event=e, attempt=a) for e, a in names]
+    assert [t for t, _ in timeline(made)] == ["Submitted", "Attempt 1"]
+    names = [("created", 0), ("claimed", 1), ("dead", 1), ("requeued", 0), ("claimed", 1)]
+    made = [SimpleNamespace(event=e, attempt=a) for e, a in names]
+    sections = timeline(made)
+    assert [t for t, _ in sections] == [
+        "Submitted",
+        "Attempt 1",
+        "Queued again (1)",
+        "Attempt 1 after retry 1",
+    ]
+    assert [len(found) for _, found in sections] == [1, 2, 1, 1]

@@ -168,10 +168,24 @@ def _job(state: ApiState, viewer: Viewer, job_id: uuid.UUID) -> dict[str, Any] |
         if job is None:
             return None
         events = store.list_events(session, job_id)
-    attempts: dict[int, list[Any]] = {}
+    return {"job": job, "attempts": timeline(events)}
+
+
+def timeline(events: list[Any]) -> list[tuple[str, list[Any]]]:
+    """Events in sections: before the first run, then one per run (each claim begins
+    one), and a section wherever an operator queued the job again."""
+    sections: list[tuple[str, list[Any]]] = [("Submitted", [])]
+    again = 0
     for event in events:
-        attempts.setdefault(event.attempt, []).append(event)
-    return {"job": job, "attempts": sorted(attempts.items())}
+        if event.event == "claimed":
+            suffix = f" after retry {again}" if again else ""
+            sections.append((f"Attempt {event.attempt}{suffix}", [event]))
+        elif event.event == "requeued":
+            again += 1
+            sections.append((f"Queued again ({again})", [event]))
+        else:
+            sections[-1][1].append(event)
+    return [(title, found) for title, found in sections if found]
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
