@@ -40,7 +40,7 @@ def banner(settings: Settings, key: str) -> str:
     return "\n".join(
         [
             f"Conveyor API: {url}  (docs: {url}/docs)",
-            f"Console: {url}/ui/  (sign in with this key)",
+            f"Console: {url}/ui/  (sign in with the admin key below)",
             f"Admin API key (shown once): {key}",
             "Submit a job:",
             f"  curl -s -X POST {url}/v1/jobs -H 'Authorization: Bearer {key}'"

@@ -9,6 +9,9 @@ import uuid
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from conveyor.api.app import create_app
+from conveyor.cli.wiring import build_platform
+from conveyor.config import Settings
 from conveyor.jobs import keys, schedules, store
 from conveyor.jobs.db import make_session_factory
 from conveyor.jobs.models import JobError, NewJob
@@ -305,3 +308,28 @@ def test_signing_out_needs_the_token_and_ends_the_session(
     out = client.post("/ui/logout", data={"csrf_token": csrf}, follow_redirects=False)
     assert out.status_code == 303 and out.headers["location"] == "/ui/login"
     assert client.get("/ui/", follow_redirects=False).status_code == 303
+
+
+def test_a_job_links_to_flower_when_flower_is_configured(
+    pg_engine: Engine, pg_url: str, redis_url: str
+) -> None:
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=redis_url,
+        api_rate_per_second=0,
+        flower_url="https://flower.example/",
+    )
+    platform = build_platform(settings)
+    try:
+        with TestClient(create_app(platform.api_state())) as flowered:
+            sign_in(flowered, make_key(pg_engine))
+            job_id = dead_job(pg_engine)
+            page = flowered.get(f"/ui/jobs/{job_id}").text
+    finally:
+        platform.store.dispose()
+    assert f'href="https://flower.example/api/tasks?search=args:{job_id}"' in page
+
+
+def test_without_flower_there_is_no_link(client: TestClient, pg_engine: Engine) -> None:
+    sign_in(client, make_key(pg_engine))
+    assert "Flower" not in client.get(f"/ui/jobs/{dead_job(pg_engine)}").text

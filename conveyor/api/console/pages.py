@@ -18,12 +18,14 @@ from conveyor.api.problems import Problem
 from conveyor.api.routes import operations
 from conveyor.api.routes.jobs import decode_cursor, encode_cursor
 from conveyor.api.state import ApiState
+from conveyor.config import Settings
 from conveyor.jobs import anomalies, schedules, series, store
 from conveyor.jobs.states import JobState
 from conveyor.jobs.store import workflows as flows
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PAGE_SIZE = 50
 # A graph of more steps than this is shown as the table alone.
 GRAPH_LIMIT = 300
@@ -45,6 +47,16 @@ def notice(code: str | None, count: str | None = None) -> str | None:
     if code not in NOTICES:
         return None
     return NOTICES[code].format(count=count if count and count.isdigit() else "?")
+
+
+def flower_link(settings: Settings) -> str | None:
+    """Where an operator's browser finds Flower: the setting, or, when `conveyor up` runs
+    Flower beside an API on loopback, that Flower."""
+    if settings.flower_url:
+        return settings.flower_url.rstrip("/")
+    if settings.flower_user and settings.flower_password and settings.api_host in LOOPBACK:
+        return f"http://{settings.api_host}:{settings.flower_port}"
+    return None
 
 
 def problem_page(viewer: Viewer | None, problem: Problem) -> HTMLResponse:
@@ -206,7 +218,7 @@ async def job_page(
         viewer=viewer,
         active="jobs",
         notice=notice(done, count),
-        flower=state.settings.flower_url,
+        flower=flower_link(state.settings),
         can_retry=job.state in (JobState.DEAD, JobState.CANCELLED),
         can_cancel=not store.is_terminal(job.state),
         **found,
