@@ -16,7 +16,7 @@ from conveyor.api.console.render import page
 from conveyor.api.deps import State
 from conveyor.api.problems import Problem
 from conveyor.api.routes import operations
-from conveyor.api.routes.jobs import decode_cursor, encode_cursor
+from conveyor.api.routes.jobs import jobs_page
 from conveyor.api.state import ApiState
 from conveyor.config import Settings
 from conveyor.jobs import anomalies, schedules, series, store
@@ -119,33 +119,8 @@ async def overview_slash() -> Response:
     return RedirectResponse("/ui/", status_code=308)
 
 
-def _jobs(
-    state: ApiState,
-    viewer: Viewer,
-    job_state: JobState | None,
-    task: str | None,
-    tag: str | None,
-    cursor: str | None,
-) -> dict[str, Any]:
-    after = decode_cursor(cursor) if cursor else None
-    with state.sessions() as session:
-        found = store.list_jobs_page(
-            session,
-            tenant=viewer.tenant,
-            state=job_state,
-            task=task,
-            tag=tag,
-            limit=PAGE_SIZE + 1,
-            before=after,
-        )
-    more = len(found) > PAGE_SIZE
-    found = found[:PAGE_SIZE]
-    next_cursor = encode_cursor(found[-1].created_at, found[-1].id) if more and found else None
-    return {"jobs": found, "next_cursor": next_cursor}
-
-
 @router.get("/jobs", response_class=HTMLResponse)
-async def jobs_page(
+async def jobs_list_page(
     viewer: Reader,
     state: State,
     job_state: Annotated[str | None, Query(alias="state", max_length=16)] = None,
@@ -166,12 +141,19 @@ async def jobs_page(
     except ValueError:
         return problem_page(viewer, Problem(422, f"there is no job state {job_state!r}"))
     try:
-        found = await run_in_threadpool(
-            _jobs, state, viewer, chosen, task or None, tag or None, cursor
+        found, next_cursor = await run_in_threadpool(
+            jobs_page, state, viewer.tenant, chosen, task or None, tag or None, PAGE_SIZE, cursor
         )
     except Problem as problem:
         return problem_page(viewer, problem)
-    return page("jobs.html", viewer=viewer, active="jobs", filters=filters, **found)
+    return page(
+        "jobs.html",
+        viewer=viewer,
+        active="jobs",
+        filters={**filters, "cursor": cursor or ""},
+        jobs=found,
+        next_cursor=next_cursor,
+    )
 
 
 def _job(state: ApiState, viewer: Viewer, job_id: uuid.UUID) -> dict[str, Any] | None:

@@ -223,11 +223,26 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
     """The tenant's jobs, newest first, a page at a time; pages stay stable as jobs arrive."""
+    page, next_cursor = jobs_page(state, key.tenant, job_state, task, tag, limit, cursor)
+    return JobPage(items=[JobOut.of(job) for job in page], next_cursor=next_cursor)
+
+
+def jobs_page(
+    state: ApiState,
+    tenant: str,
+    job_state: JobState | None,
+    task: str | None,
+    tag: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
+    """A page of a tenant's jobs, newest first, and the cursor of the next (None at the
+    end); 422 for a cursor this API did not hand out."""
     after = decode_cursor(cursor) if cursor else None
     with state.sessions() as session:
         page = store.list_jobs_page(
             session,
-            tenant=key.tenant,
+            tenant=tenant,
             state=job_state,
             task=task,
             tag=tag,
@@ -237,7 +252,7 @@ def list_jobs(
     more = len(page) > limit
     page = page[:limit]
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
-    return JobPage(items=[JobOut.of(job) for job in page], next_cursor=next_cursor)
+    return page, next_cursor
 
 
 def encode_cursor(created_at: dt.datetime, job_id: uuid.UUID) -> str:
