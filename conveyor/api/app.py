@@ -22,7 +22,7 @@ from conveyor.api.routes import (
     workflows,
 )
 from conveyor.api.state import ApiState
-from conveyor.api.telemetry import Telemetry, state_reader
+from conveyor.api.telemetry import ReadsCollector, Telemetry, state_reader
 from conveyor.observability.metrics import StateCollector
 
 
@@ -63,4 +63,5 @@ def create_app(state: ApiState) -> FastAPI:
     # Gauges of shared state, read when /metrics is scraped; one registry per app.
     app.state.conveyor_gauges = CollectorRegistry()
     app.state.conveyor_gauges.register(StateCollector(lambda: state_reader(state)))
+    app.state.conveyor_gauges.register(ReadsCollector(state))
     return app

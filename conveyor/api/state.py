@@ -16,9 +16,11 @@ from conveyor.api.ratelimit import RateLimiter
 from conveyor.api.waiting import Waiters
 from conveyor.config import Settings
 from conveyor.jobs import keys, store
+from conveyor.jobs.db import make_engine, make_session_factory
 from conveyor.jobs.group_commit import GroupCommitter
 from conveyor.jobs.models import Job
 from conveyor.jobs.outbox import Publisher
+from conveyor.jobs.replica import ReadSessions
 from conveyor.jobs.store import workflows as flows
 from conveyor.jobs.store.workflows import Workflow
 
@@ -123,6 +125,7 @@ class ApiState:
     key_cache: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
     committer: GroupCommitter = field(init=False)
+    read_sessions: ReadSessions = field(init=False)
     waiters: Waiters[Job] = field(init=False)
     workflow_waiters: Waiters[Workflow] = field(init=False)
 
@@ -133,6 +136,10 @@ class ApiState:
         if self.queue_depths is not None and not isinstance(self.queue_depths, BoundedProbe):
             self.queue_depths = BoundedProbe(self.queue_depths)
         self.committer = GroupCommitter(self.sessions, self.publisher)
+        replica = None
+        if self.settings.database_read_url:
+            replica = make_session_factory(make_engine(self.settings.database_read_url))
+        self.read_sessions = ReadSessions(self.sessions, replica)
         self.waiters = Waiters(self._finished_among)
         self.workflow_waiters = Waiters(self._finished_workflows_among)
         if self.limiter is None:
@@ -141,9 +148,9 @@ class ApiState:
             )
 
     def _finished_among(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             return store.finished_among(session, job_ids)
 
     def _finished_workflows_among(self, workflow_ids: list[uuid.UUID]) -> dict[uuid.UUID, Workflow]:
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             return flows.finished_workflows_among(session, workflow_ids)

@@ -11,10 +11,13 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from opentelemetry.trace import SpanKind
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.state import ApiState
@@ -104,11 +107,30 @@ class Telemetry:
                     )
 
 
+class ReadsCollector(Collector):
+    """`conveyor_db_reads_total{database}`: read sessions served by the primary and by
+    the replica, in this API process."""
+
+    def __init__(self, state: ApiState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the counter."""
+        family = CounterMetricFamily(
+            "conveyor_db_reads",
+            "Read sessions by the database that served them.",
+            labels=["database"],
+        )
+        for database, count in sorted(self._state.read_sessions.served.items()):
+            family.add_metric([database], count)
+        yield family
+
+
 def state_reader(state: ApiState) -> metrics.StateReading:
     """Read the gauges' state from the broker and the store."""
     depths = state.queue_depths() if state.queue_depths is not None else {}
     now = store.utcnow()
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         waiting = store.counts_by_queue(session)
         dead = store.dead_counts_by_task(session)
         oldest = store.oldest_queued_by_queue(session)

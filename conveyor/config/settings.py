@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///./var/conveyor.db"
+    # A streaming replica of the PostgreSQL job store for what only reads.
+    database_read_url: str | None = None
     broker_url: str = EMBEDDED_BROKER
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -168,6 +170,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:// or postgresql:// URL")
         if value.startswith("postgresql://"):
             # psycopg 3 is the only PostgreSQL driver installed.
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @field_validator("database_read_url")
+    @classmethod
+    def _check_database_read_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith("postgresql"):
+            raise ValueError("must be a postgresql:// URL (a replica of the job store)")
+        if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         return value
 

@@ -6,15 +6,18 @@ each page are kept under var/test-artifacts/console (CONVEYOR_TEST_ARTIFACTS).""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 
 from conveyor.jobs import keys
 from conveyor.jobs.db import make_session_factory
+from conveyor.jobs.tables import anomalies
 from tests.acceptance.browser import ARTIFACTS, DESKTOP, PHONE, Browser, chromium
 from tests.acceptance.cluster import Cluster, Receiver, cluster_context
 from tests.support import free_port, wait_until
@@ -247,6 +250,24 @@ def test_every_page_shows_real_data_on_a_desktop_and_a_phone(
         "/v1/schedules", json={"name": "cleanup", "task": "demo.echo", "interval_seconds": 3600}
     )
     assert made.status_code == 201
+    # An open episode, as the aggregation records one when a task type leaves its baseline.
+    now = dt.datetime.now(dt.UTC)
+    with console.cluster.engine.begin() as conn:
+        conn.execute(
+            insert(anomalies),
+            {
+                "id": uuid.uuid4(),
+                "tenant": "acme",
+                "task": "webhook.deliver",
+                "signal": "failure_rate",
+                "started_at": now - dt.timedelta(minutes=3),
+                "last_seen_at": now,
+                "ended_at": None,
+                "value": 1.0,
+                "baseline": 0.02,
+                "score": 14.2,
+            },
+        )
     browser.sign_in(console.cluster.key)
     pages = {
         **PAGES,
@@ -262,7 +283,7 @@ def test_every_page_shows_real_data_on_a_desktop_and_a_phone(
         "dead-letters": dead,
         "schedules": "cleanup",
         "workflows": "etl",
-        "anomalies": "Nothing out of baseline",
+        "anomalies": "failure_rate",
         "job": '"n": 0',
         "job-dead": "receiver answered 400",
         "workflow": "enrich",

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
 
 from conveyor.api.console import drawing
 from conveyor.api.console.auth import Reader, Viewer
@@ -66,7 +67,7 @@ def problem_page(viewer: Viewer | None, problem: Problem) -> HTMLResponse:
 
 def _overview(state: ApiState, viewer: Viewer) -> dict[str, Any]:
     queues = operations.list_queues(viewer.key, state).items
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         now = store.utcnow()
         oldest = store.oldest_queued_by_queue(session, tenant=viewer.tenant)
         found = series.minute_series(
@@ -157,12 +158,14 @@ async def jobs_list_page(
 
 
 def _job(state: ApiState, viewer: Viewer, job_id: uuid.UUID) -> dict[str, Any] | None:
-    with state.sessions() as session:
+    def read(session: Session) -> dict[str, Any] | None:
         job = store.get_job(session, job_id, tenant=viewer.tenant)
         if job is None:
             return None
-        events = store.list_events(session, job_id)
-    return {"job": job, "attempts": timeline(events)}
+        return {"job": job, "attempts": timeline(store.list_events(session, job_id))}
+
+    # From the replica, or from the primary when the replica has not got the job yet.
+    return state.read_sessions.first_found(read)
 
 
 def timeline(events: list[Any]) -> list[tuple[str, list[Any]]]:
@@ -208,7 +211,7 @@ async def job_page(
 
 
 def _dead(state: ApiState, viewer: Viewer) -> dict[str, Any]:
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         dead = store.list_dead(session, tenant=viewer.tenant, task=None, error_type=None, limit=200)
         groups = store.dead_groups(session, tenant=viewer.tenant)
     return {
@@ -234,7 +237,7 @@ async def dead_letters_page(
 
 
 def _schedules(state: ApiState, viewer: Viewer) -> list[dict[str, Any]]:
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         found = schedules.list_schedules(session, viewer.tenant)
         now = store.utcnow()
         listed = []
@@ -271,7 +274,7 @@ async def workflows_page(viewer: Reader, state: State) -> Response:
     """The tenant's latest workflows."""
 
     def read() -> list[flows.Workflow]:
-        with state.sessions() as session:
+        with state.read_sessions() as session:
             return flows.list_workflows_page(session, tenant=viewer.tenant, state=None, limit=100)
 
     found = await run_in_threadpool(read)
@@ -288,7 +291,7 @@ async def workflow_page(
     """One workflow: its steps as a graph coloured by state, and as a table."""
 
     def read() -> flows.Workflow | None:
-        with state.sessions() as session:
+        with state.read_sessions() as session:
             return flows.get_workflow(session, workflow_id, tenant=viewer.tenant, steps=True)
 
     workflow = await run_in_threadpool(read)
@@ -314,7 +317,7 @@ async def anomalies_page(viewer: Reader, state: State) -> Response:
     """Task types whose failure rate, run p95 or wait p95 is out of its baseline now."""
 
     def read() -> list[anomalies.Episode]:
-        with state.sessions() as session:
+        with state.read_sessions() as session:
             return anomalies.open_episodes(session, tenant=viewer.tenant)
 
     found = await run_in_threadpool(read)

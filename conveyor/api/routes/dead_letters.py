@@ -60,7 +60,7 @@ def list_dead_letters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DeadLetters:
     """Dead jobs of the caller's tenant, filtered by task and error type, with grouped counts."""
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         dead = store.list_dead(
             session, tenant=key.tenant, task=task, error_type=error_type, limit=limit
         )

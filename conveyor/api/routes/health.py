@@ -23,7 +23,10 @@ def healthz() -> dict[str, str]:
     "/readyz", responses={503: {**PROBLEMS[503], "description": "a dependency does not answer"}}
 )
 def readyz(state: State) -> JSONResponse:
-    """200 when the database and the broker answer; otherwise 503 naming which does not."""
+    """200 when the database and the broker answer; otherwise 503 naming which does not.
+
+    With a read replica, `checks.replica` says how far behind it is, or that it does not
+    answer and reads go to the primary."""
     checks: dict[str, str] = {}
     try:
         with state.sessions() as session:
@@ -37,6 +40,10 @@ def readyz(state: State) -> JSONResponse:
     except Exception as error:
         checks["broker"] = f"unavailable: {type(error).__name__}"
     failing = [name for name, result in checks.items() if result != "ok"]
+    # A replica that does not answer is not an outage: its reads go to the primary.
+    replica = state.read_sessions.status()
+    if replica is not None:
+        checks["replica"] = replica
     if not failing:
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse(

@@ -239,7 +239,7 @@ def jobs_page(
     """A page of a tenant's jobs, newest first, and the cursor of the next (None at the
     end); 422 for a cursor this API did not hand out."""
     after = decode_cursor(cursor) if cursor else None
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         page = store.list_jobs_page(
             session,
             tenant=tenant,
@@ -280,8 +280,8 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
 
 
 def _owned(state: State, job_id: uuid.UUID, tenant: str) -> Job:
-    with state.sessions() as session:
-        job = store.get_job(session, job_id, tenant=tenant)
+    # From the replica when it has the job; from the primary when it has not yet.
+    job = state.read_sessions.first_found(lambda s: store.get_job(s, job_id, tenant=tenant))
     if job is None:
         raise Problem(404, f"no job {job_id}")
     return job
@@ -315,7 +315,7 @@ async def get_job(job_id: uuid.UUID, key: Reader, state: State, wait: WaitSecond
 def get_events(job_id: uuid.UUID, key: Reader, state: State) -> EventsOut:
     """Every state change of a job, oldest first, with time, attempt and worker."""
     _owned(state, job_id, key.tenant)
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         events = store.list_events(session, job_id)
     return EventsOut(job_id=job_id, items=[EventOut.of(e) for e in events])
 

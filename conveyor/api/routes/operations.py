@@ -80,7 +80,7 @@ def list_queues(key: Reader, state: State) -> QueuesOut:
         depths: dict[str, int] | None = state.queue_depths() if state.queue_depths else None
     except Exception:
         depths = None
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         counts = store.counts_by_queue(session, tenant=key.tenant)
     return QueuesOut(
         items=[
@@ -132,7 +132,7 @@ def percentiles(quantiles: Quantiles) -> Percentiles:
 @router.get("/stats/anomalies", response_model=AnomaliesOut, responses=PROBLEMS)
 def stats_anomalies(key: Reader, state: State) -> AnomaliesOut:
     """The tenant's task types whose failure rate, run p95 or wait p95 is out of baseline now."""
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         found = anomalies.open_episodes(session, tenant=key.tenant)
     return AnomaliesOut(items=[AnomalyOut.of(episode) for episode in found])
 
@@ -148,7 +148,7 @@ def stats(
     now = store.utcnow()
     since = now - dt.timedelta(seconds=seconds)
     # Rolled-up minutes, plus the few raw jobs past the rollups' watermark.
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         found = rollups.window_stats(session, tenant=key.tenant, since=since, now=now)
         started = flows.workflow_counts(session, tenant=key.tenant, since=since)
     return StatsOut(

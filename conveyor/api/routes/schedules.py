@@ -160,7 +160,7 @@ def _timing_problem(error: ScheduleError) -> Problem:
 @router.get("", response_model=SchedulesOut, responses=PROBLEMS)
 def list_schedules(key: Reader, state: State) -> SchedulesOut:
     """The tenant's schedules."""
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         found = schedules.list_schedules(session, key.tenant)
     return SchedulesOut(items=[_out(s) for s in found])
 
@@ -208,7 +208,7 @@ def _owned(state: State, tenant: str, name: str) -> Schedule:
 def get_schedule(name: Name, key: Reader, state: State) -> ScheduleOut:
     """A schedule with its last runs and their states."""
     schedule = _owned(state, key.tenant, name)
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         runs = schedules.recent_runs(session, schedule.id)
     return _out(schedule, [RunOut(tick=tick, job_id=job.id, state=job.state) for tick, job in runs])
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from conveyor.api.deps import Reader, State, Submitter
 from conveyor.api.problems import Problem
@@ -90,9 +91,20 @@ def _replayed(workflow: flows.Workflow, digest: str | None) -> flows.Workflow:
     return workflow
 
 
-def _owned(state: State, workflow_id: uuid.UUID, tenant: str) -> flows.Workflow:
-    with state.sessions() as session:
-        workflow = flows.get_workflow(session, workflow_id, tenant=tenant, steps=True)
+def _owned(
+    state: State, workflow_id: uuid.UUID, tenant: str, *, fresh: bool = False
+) -> flows.Workflow:
+    """The tenant's workflow with its steps: from the primary when `fresh` (after a
+    write), else from the replica when it has it."""
+
+    def read(session: Session) -> flows.Workflow | None:
+        return flows.get_workflow(session, workflow_id, tenant=tenant, steps=True)
+
+    if fresh:
+        with state.sessions() as session:
+            workflow = read(session)
+    else:
+        workflow = state.read_sessions.first_found(read)
     if workflow is None:
         raise Problem(404, f"no workflow {workflow_id}")
     return workflow
@@ -141,7 +153,7 @@ def list_workflows(
 ) -> WorkflowPage:
     """The tenant's workflows, newest first, a page at a time (without their steps)."""
     after = decode_cursor(cursor) if cursor else None
-    with state.sessions() as session:
+    with state.read_sessions() as session:
         page = flows.list_workflows_page(
             session, tenant=key.tenant, state=workflow_state, limit=limit + 1, before=after
         )
@@ -164,4 +176,4 @@ def cancel_workflow(workflow_id: uuid.UUID, key: Submitter, state: State) -> Wor
             )
         flows.cancel_workflow(session, workflow_id, tenant=key.tenant)
     log.info("workflow cancelled", workflow_id=str(workflow_id))
-    return WorkflowOut.of(_owned(state, workflow_id, key.tenant))
+    return WorkflowOut.of(_owned(state, workflow_id, key.tenant, fresh=True))
