@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conveyor.config import Settings
+from conveyor.config import POOLS, Settings
 from tests.integration.test_compose import command, environment, parse, services
 from tests.support import ROOT
 
@@ -143,6 +143,8 @@ def target_labels() -> set[str]:
     for scrape in prometheus_config()["scrape_configs"]:
         for static in scrape.get("static_configs", []):
             labels.update(static.get("labels", {}))
+        for relabel in scrape.get("relabel_configs", []):
+            labels.add(relabel["target_label"])
     return labels
 
 
@@ -506,12 +508,44 @@ def scrape_targets() -> dict[str, tuple[str, int, dict[str, str]]]:
         if not scrape["job_name"].startswith("conveyor-"):
             continue
         assert scrape.get("metrics_path", "/metrics") == "/metrics", scrape["job_name"]
-        for static in scrape["static_configs"]:
+        for static in scrape.get("static_configs", []):
             for target in static["targets"]:
                 host, port = target.rsplit(":", 1)
                 assert host not in targets, f"{host} is scraped twice"
                 targets[host] = (scrape["job_name"], int(port), static.get("labels", {}))
+        for found in scrape.get("dns_sd_configs", []):
+            assert found.get("type") == "A", "compose service names resolve to A records"
+            for host in found["names"]:
+                assert host not in targets, f"{host} is scraped twice"
+                targets[host] = (scrape["job_name"], int(found["port"]), relabelled(scrape, host))
     return targets
+
+
+def relabelled(scrape: dict[str, Any], name: str) -> dict[str, str]:
+    """The labels a scrape's relabelling gives a target found by the DNS name `name`."""
+    labels: dict[str, str] = {}
+    for rule in scrape.get("relabel_configs", []):
+        sources = rule.get("source_labels")
+        if not sources:
+            labels[rule["target_label"]] = rule["replacement"]
+            continue
+        assert sources == ["__meta_dns_name"], rule
+        match = re.fullmatch(rule["regex"], name)
+        if match is not None:
+            labels[rule["target_label"]] = match.expand(rule["replacement"].replace("$", "\\"))
+    return labels
+
+
+def test_workers_of_every_pool_are_scraped_however_many_are_scaled() -> None:
+    found = [s for s in prometheus_config()["scrape_configs"] if s["job_name"] == "conveyor-worker"]
+    assert len(found) == 1 and "static_configs" not in found[0]
+    names = {name for config in found[0]["dns_sd_configs"] for name in config["names"]}
+    assert names == {f"worker-{pool}" for pool in POOLS}
+    for name in names:
+        service = services()[name]
+        assert "container_name" not in service and "ports" not in service, (
+            f"{name} must scale: no fixed container name or host port"
+        )
 
 
 def test_prometheus_scrapes_every_api_worker_and_beat_on_its_port() -> None:
