@@ -10,6 +10,7 @@ from celery import Celery
 from conveyor.cli.errors import CommandError
 from conveyor.cli.handover import HandoverPublisher
 from conveyor.config import Settings
+from conveyor.jobs.pooling import use_transaction_pooler
 from conveyor.observability import logs
 from conveyor.worker.app import create_celery
 from conveyor.worker.broker import bounded_connection, queue_depths
@@ -81,6 +82,7 @@ class Platform:
 
 def build_platform(settings: Settings, *, pool_size: int = 5) -> Platform:
     """The store handle and Celery app for these settings."""
+    use_transaction_pooler(settings.database_pooler == "transaction")
     handle = StoreHandle(settings.database_url, pool_size=pool_size)
     return Platform(settings, handle, create_celery(settings, store_handle=handle))
 
@@ -98,6 +100,7 @@ def engine_for(settings: Settings) -> Engine:
     """A fresh engine on the configured database."""
     from conveyor.jobs.db import make_engine
 
+    use_transaction_pooler(settings.database_pooler == "transaction")
     return make_engine(settings.database_url)
 
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./var/conveyor.db"
     # A streaming replica of the PostgreSQL job store for what only reads.
     database_read_url: str | None = None
+    # `transaction`: the database URL is a pooler in transaction mode (PgBouncer's
+    # pool_mode = transaction): no prepared statements, no session settings but the
+    # time zone (which PgBouncer carries from server to server).
+    database_pooler: Literal["none", "transaction"] = "none"
     broker_url: str = EMBEDDED_BROKER
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

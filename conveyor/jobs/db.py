@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.jobs.fastpath import FastPath
 from conveyor.jobs.marks import DeferredMarks
 from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.pooling import Pooling
 from conveyor.jobs.store.driver import driver_for
 
 # A pooled connection idle this long is pinged before use.
@@ -63,8 +64,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         pool_size=pool_size,
         max_overflow=10,
         pool_recycle=1800,
-        # A database that went away must fail calls fast, not hang them.
-        connect_args={"connect_timeout": 5},
+        # A database that went away must fail calls fast, not hang them. Behind a
+        # transaction pooler psycopg must not prepare what it runs often.
+        connect_args={"connect_timeout": 5}
+        | ({"prepare_threshold": None} if Pooling.transaction else {}),
     )
     _ping_after_idle(engine)
     return engine

@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 
 from conveyor.jobs import bulk_insert
 from conveyor.jobs.models import Job, NewJob
+from conveyor.jobs.pooling import Pooling
 from conveyor.jobs.states import JobState
 
 # Every time here is the database's (`now()`): a worker's own clock never decides a lease.
@@ -197,15 +198,23 @@ class FastPath:
             self._local.pid = os.getpid()
         conn: psycopg.Connection[dict[str, Any]] | None = getattr(self._local, name, None)
         if conn is None or conn.closed:
+            pooled = Pooling.transaction
             conn = psycopg.connect(
-                self._conninfo, autocommit=True, row_factory=dict_row, connect_timeout=5
+                self._conninfo,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=5,
+                prepare_threshold=None if pooled else 5,
             )
+            # A pooler in transaction mode carries the time zone along with the client;
+            # the settings below would stay on a server connection, so none is made.
             conn.execute("SET TIME ZONE 'UTC'")
-            if name != "records":
+            if name != "records" and not pooled:
                 # Every statement on these connections finds its rows by primary key;
                 # a generic plan made while the table was small must not be a scan.
+                # (Unprepared, as behind a pooler, each call is planned for its values.)
                 conn.execute("SET enable_seqscan = off")
-            if name in _NOT_WAITING_FOR_DISK:
+            if name in _NOT_WAITING_FOR_DISK and not pooled:
                 # A claim need not wait for the disk: if the server crashes before the
                 # WAL is flushed, the job is simply still queued and its message is
                 # delivered again. Nor need a renewal: one lost leaves the lease the
@@ -232,6 +241,8 @@ class FastPath:
         self, name: str, sql: str, params: dict[str, Any], *, prepare: bool | None = True
     ) -> psycopg.Cursor[dict[str, Any]]:
         """Run `sql` on this thread's `name` connection; its rows are in the cursor."""
+        if Pooling.transaction:
+            prepare = False
         try:
             return self._connection(name).execute(sql, params, prepare=prepare)
         except psycopg.OperationalError:

@@ -69,10 +69,12 @@ class Cluster:
     restarts: int = 0
     # Extra environment per process name (a skewed clock, a pool class).
     env_of: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Extra environment of every process (a database pooler).
+    env_all: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
-        return workers.service_env(self.database_url, self.broker_url, **FAST)
+        return workers.service_env(self.database_url, self.broker_url, **FAST, **self.env_all)
 
     def start(self, name: str, args: list[str]) -> None:
         env = {**self.env, **self.env_of.get(name, {})}
@@ -175,12 +177,19 @@ def cluster_context(
     logs: Path,
     worker_names: list[str],
     env_of: dict[str, dict[str, str]] | None = None,
+    pooler: str = "none",
 ) -> Iterator[Cluster]:
-    cluster = Cluster(database_url, broker_url, engine, logs, env_of=env_of or {})
+    env_all = {"CONVEYOR_DATABASE_POOLER": pooler} if pooler != "none" else {}
+    cluster = Cluster(database_url, broker_url, engine, logs, env_of=env_of or {}, env_all=env_all)
     with make_session_factory(engine).begin() as session:
         cluster.key, _ = keys.create_key(session, tenant="acme")
     cluster.platform = build_platform(
-        Settings(database_url=database_url, broker_url=broker_url, api_rate_per_second=0)
+        Settings(
+            database_url=database_url,
+            broker_url=broker_url,
+            api_rate_per_second=0,
+            database_pooler=pooler,  # type: ignore[arg-type]
+        )
     )
     cluster.start_all(worker_names)
     try:

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 from conveyor.jobs.tables import job_events
 from tests.acceptance import services
 from tests.acceptance.cluster import Cluster, Receiver, cluster_context, kill_until, report
+from tests.pgbouncer import POOL_SIZE, Bouncer, pgbouncer
 from tests.support import wait_until
 
 
@@ -43,9 +44,41 @@ def small_cluster(
     yield from cluster_context(pg_url, broker_url, pg_engine, tmp_path, ["high-1", "default-1"])
 
 
+@pytest.fixture
+def through_pgbouncer(
+    pg_engine: Engine, pg_url: str, broker_url: str, tmp_path: Path
+) -> Iterator[tuple[Cluster, Bouncer]]:
+    """The default-pool cluster with every process's database connections through
+    PgBouncer in transaction mode (the test's own reads go straight to PostgreSQL)."""
+    with pgbouncer() as bouncer:
+        for cluster in cluster_context(
+            bouncer.url_for(pg_url),
+            broker_url,
+            pg_engine,
+            tmp_path,
+            ["default-1", "default-2"],
+            pooler="transaction",
+        ):
+            yield cluster, bouncer
+
+
 def test_kills_lose_nothing_and_never_overlap(default_only: Cluster) -> None:
     # Only the default pool is served: rescue and relay must not depend on any pool.
-    cluster = default_only
+    kills_lose_nothing(default_only, "kills, default pool only")
+
+
+def test_kills_through_pgbouncer_in_transaction_mode(
+    through_pgbouncer: tuple[Cluster, Bouncer],
+) -> None:
+    cluster, bouncer = through_pgbouncer
+    kills_lose_nothing(cluster, "kills, through PgBouncer (transaction mode)")
+    pools = [p for p in bouncer.pools() if p["database"] != "pgbouncer"]
+    servers = sum(int(p["sv_active"]) + int(p["sv_idle"]) + int(p["sv_used"]) for p in pools)
+    assert 0 < servers <= POOL_SIZE, pools
+
+
+def kills_lose_nothing(cluster: Cluster, label: str) -> None:
+    """500 jobs while workers are killed and restarted: all succeed, none overlaps."""
     rng = random.Random(7)
     with Receiver() as receiver:
         hooks = []
@@ -75,7 +108,7 @@ def test_kills_lose_nothing_and_never_overlap(default_only: Cluster) -> None:
         assert cluster.overlapping_runs() == 0
         stuck = cluster.states().get("running", 0)
         report(
-            test="kills, default pool only",
+            test=label,
             broker=cluster.broker_url.split(":")[0],
             jobs=500,
             kills=kills,
