@@ -18,6 +18,7 @@ from conveyor.cli.wiring import build_platform
 from conveyor.config import Settings
 from conveyor.jobs import keys, migrate
 from conveyor.jobs.db import make_engine, make_session_factory
+from tests.acceptance.cluster import report
 from tests.replication import Replicated, primary_and_replica
 from tests.support import wait_until
 
@@ -109,6 +110,12 @@ def test_reads_go_to_the_replica_and_a_client_finds_its_own_writes_while_it_lags
     primary_reads = after["primary"] - before.get("primary", 0)
     # Listings, stats, waits and the first read of each lookup went to the replica; the
     # primary served only the lookups the lagging replica could not answer.
+    report(
+        test="read replica, lagging",
+        lag_seen_seconds=seen,
+        reads_by_replica=replica_reads,
+        reads_by_primary=primary_reads,
+    )
     assert replica_reads >= 5 and 2 <= primary_reads <= 3, (replica_reads, primary_reads, seen)
 
 
@@ -127,6 +134,12 @@ def test_when_the_replica_goes_away_reads_fall_back_to_the_primary(
     assert ready.json()["checks"]["replica"].startswith("unavailable")
     assert "reads go to the primary" in ready.json()["checks"]["replica"]
     after = served(api)
+    report(
+        test="read replica, gone",
+        reads_by_replica=after.get("replica", 0) - before.get("replica", 0),
+        reads_by_primary=after["primary"] - before["primary"],
+        readyz=ready.json()["checks"]["replica"],
+    )
     assert after["primary"] - before["primary"] >= 2
     assert after.get("replica", 0) == before.get("replica", 0)
     # Writes never needed the replica.
