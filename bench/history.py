@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=positive_int, default=10_000_000, help="history rows")
     parser.add_argument("--days", type=float, default=6.0, help="the history's span")
     parser.add_argument("--live", type=positive_int, default=2000, help="jobs claimed and finished")
-    parser.add_argument("--requests", type=positive_int, default=200, help="requests per path")
+    parser.add_argument("--requests", type=positive_int, default=1000, help="requests per path")
     parser.add_argument("--runs", type=positive_int, default=20, help="aggregation/retention runs")
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="where to create the dbs")
     parser.add_argument(
