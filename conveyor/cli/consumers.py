@@ -44,8 +44,7 @@ class ConsumerWatch:
         self._platform = platform
         self._queue = queue
         self._what = what
-        self._started = time.monotonic()
-        self._next = self._started + CHECK_AFTER_SECONDS
+        self._next = time.monotonic() + CHECK_AFTER_SECONDS
 
     def check(self, started: bool) -> None:
         """Raise a CommandError naming how to start a worker when nothing consumes."""

@@ -80,12 +80,10 @@ class HandoverPublisher:
 
     def __init__(self, database_url: str) -> None:
         self.path = socket_path(database_url)
-        self.handed_over: bool | None = None
 
     def publish(self, jobs: Sequence[Job]) -> list[uuid.UUID]:
         """Hand the jobs' ids over; the ids the platform published (none without one)."""
         answer = _ask(self.path, {"publish": [str(job.id) for job in jobs]}, ANSWER_SECONDS)
-        self.handed_over = answer is not None
         if answer is None:
             return []
         published = answer.get("published")

@@ -144,8 +144,8 @@ def _handover(platform: Platform) -> HandoverServer | None:
 
     def publish(ids: list[uuid.UUID]) -> list[uuid.UUID]:
         with platform.sessions() as session:
-            found = [store.get_job(session, job_id) for job_id in ids]
-        ready = [job for job in found if job is not None]
+            found = store.jobs_among(session, ids)
+        ready = [found[job_id] for job_id in ids if job_id in found]
         published, _taken = outbox.publish_ready(platform.publisher, ready)
         return published
 

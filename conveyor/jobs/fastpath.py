@@ -204,7 +204,8 @@ class FastPath:
                 autocommit=True,
                 row_factory=dict_row,
                 connect_timeout=5,
-                prepare_threshold=None if pooled else 5,
+                # Behind a pooler psycopg must not prepare what it runs often.
+                **({"prepare_threshold": None} if pooled else {}),
             )
             # A pooler in transaction mode carries the time zone along with the client;
             # the settings below would stay on a server connection, so none is made.

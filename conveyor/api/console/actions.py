@@ -245,8 +245,6 @@ def run_now(state: ApiState, tenant: str, name: str) -> None:
                 )
                 new = replace(new, schedule_id=schedule.id, schedule_tick=tick)
                 ready = [store.create_job(session, new, now=tick)]
-    except Problem:
-        raise
     except Exception as error:  # the task type went away or its schema changed
         raise Problem(409, f"schedule {name!r} cannot fire: {error}") from None
     outbox.publish_recorded(state.sessions, state.publisher, ready)

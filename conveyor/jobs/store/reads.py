@@ -24,14 +24,22 @@ def get_job(session: Session, job_id: uuid.UUID, *, tenant: str | None = None) -
     return None if row is None else Job.from_row(row)
 
 
-def finished_among(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
-    """Those of the jobs that have reached a terminal state, by id (one query for all)."""
+def jobs_among(
+    session: Session, job_ids: list[uuid.UUID], *, terminal: bool = False
+) -> dict[uuid.UUID, Job]:
+    """Those of the jobs that exist (with `terminal`, that have reached a terminal state),
+    by id: one query for all."""
     if not job_ids:
         return {}
-    statement = select(jobs).where(
-        jobs.c.id.in_(job_ids), jobs.c.state.in_([s.value for s in TERMINAL_STATES])
-    )
+    statement = select(jobs).where(jobs.c.id.in_(job_ids))
+    if terminal:
+        statement = statement.where(jobs.c.state.in_([s.value for s in TERMINAL_STATES]))
     return {row["id"]: Job.from_row(row) for row in session.execute(statement).mappings()}
+
+
+def finished_among(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
+    """Those of the jobs that have reached a terminal state, by id (one query for all)."""
+    return jobs_among(session, job_ids, terminal=True)
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
